@@ -1,0 +1,1 @@
+"""mmdit: SD3-class MM-DiT training and sampling."""
