@@ -253,6 +253,11 @@ class MMDiT(nn.Module):
         self.final_layer = FinalLayer(config)
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.init_weights()
+        # The last text stream's query is dead weight (its output is discarded, so the query is never computed).
+        # Its norm weight is kept for strict loading but frozen, so data-parallel wrappers see no unused parameter.
+        last = self.joint_blocks[-1].context_block.attn
+        if config.qk_norm:
+            last.ln_q.weight.requires_grad_(False)
 
     @torch.no_grad()
     def init_weights(self):
