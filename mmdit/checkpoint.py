@@ -245,27 +245,33 @@ def read_mmdit_state(path: str | os.PathLike, allow_pickle: bool = False) -> tup
     else:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; accepted: {ACCEPTED}")
 
+    return to_native_state(state, head_dim, str(path))
+
+
+def to_native_state(state: dict[str, torch.Tensor], head_dim: int | None = None,
+                    source: str = "state dict") -> tuple[dict[str, torch.Tensor], MMDiTConfig]:
+    """A state dict in either layout (prefix stripped) -> (our key names, the architecture its shapes imply)."""
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if SHAPE_KEYS["sai"]["patch"] in shapes:
         layout = "sai"
     elif SHAPE_KEYS["diffusers"]["patch"] in shapes:
         layout = "diffusers"
     else:
-        raise CheckpointError(f"{path} holds no MM-DiT weights; accepted: {ACCEPTED}")
+        raise CheckpointError(f"{source} holds no MM-DiT weights; accepted: {ACCEPTED}")
     try:
         config = infer_config(shapes, layout, head_dim)
+    except CheckpointError:
+        raise
     except (KeyError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: incomplete MM-DiT weights (truncated?): {e}") from None
+        raise CheckpointError(f"{source}: incomplete MM-DiT weights (truncated?): {e}") from None
     if layout == "diffusers":
-        state = from_diffusers(state, config, str(path))
+        state = from_diffusers(state, config, source)
     return state, config
 
 
-def load_mmdit(path: str | os.PathLike, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MMDiT:
-    """Build an MM-DiT from any accepted checkpoint, strictly. dtype None keeps the checkpoint's own precision."""
-    state, config = read_mmdit_state(path, allow_pickle)
+def build_mmdit(state: dict[str, torch.Tensor], config: MMDiTConfig, dtype: torch.dtype | None = None,
+                source: str = "state dict") -> MMDiT:
+    """An MM-DiT holding exactly these tensors (our key names): every key present, none extra, shapes equal."""
     if dtype is None:
         dtype = state["context_embedder.weight"].dtype
     with torch.device("meta"):
@@ -276,13 +282,19 @@ def load_mmdit(path: str | os.PathLike, dtype: torch.dtype | None = None, allow_
     if missing or unexpected:
         what = f"missing {len(missing)} tensors, e.g. {missing[0]}" if missing else \
             f"{len(unexpected)} unexpected tensors, e.g. {unexpected[0]}"
-        raise CheckpointError(f"{path}: {what} (truncated, or not an SD3 / SD3.5 MM-DiT)")
+        raise CheckpointError(f"{source}: {what} (truncated, or not an SD3 / SD3.5 MM-DiT)")
     wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
     if wrong:
-        raise CheckpointError(f"{path}: tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+        raise CheckpointError(f"{source}: tensor {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
                               f"expected {tuple(expected[wrong[0]].shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model
+
+
+def load_mmdit(path: str | os.PathLike, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MMDiT:
+    """Build an MM-DiT from any accepted checkpoint, strictly. dtype None keeps the checkpoint's own precision."""
+    state, config = read_mmdit_state(path, allow_pickle)
+    return build_mmdit(state, config, dtype, str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -346,3 +346,35 @@ class MMDiT(nn.Module):
                 x, context = block(x, context, c)
 
         return self.unpatchify(self.final_layer(x, c), hp, wp)                      # (B, C, H, W)
+
+
+def forward_flops(config: MMDiTConfig, image_tokens: int, text_tokens: int) -> dict[str, int]:
+    """Matmul FLOPs (2 per multiply-add) of one sample's forward pass, as this implementation computes it.
+
+    Returns {"embed": ..., "body": ...}: "embed" are the layers that read the inputs (patch, context, timestep and
+    pooled embedders), whose backward needs only weight gradients; a training step costs 2 * embed + 3 * body.
+    """
+    h, f, m = config.hidden_size, config.frequency_dim, config.mlp_hidden
+    p2c = config.patch_size ** 2 * config.in_channels
+    Lx, Lc = image_tokens, text_tokens
+    embed = Lx * p2c * h + Lc * config.context_dim * h + f * h + config.pooled_dim * h
+    body = 2 * h * h                                        # second layers of the timestep and pooled embedders
+    stream = lambda L: L * (4 * h * h + 2 * h * m)          # qkv, proj, fc1, fc2
+    for i in range(config.depth):
+        last = i == config.depth - 1
+        body += stream(Lx)
+        body += (6 + 3 * (i in config.x_self_attn_layers)) * h * h + (2 if last else 6) * h * h   # adaLN
+        if last:
+            body += Lc * 2 * h * h + 2 * Lx * (Lx + Lc) * h   # text k, v only; image queries only
+        else:
+            body += stream(Lc) + 2 * (Lx + Lc) ** 2 * h
+        if i in config.x_self_attn_layers:
+            body += Lx * 4 * h * h + 2 * Lx * Lx * h
+    body += 2 * h * h + Lx * h * p2c                        # final adaLN and linear
+    return {"embed": 2 * embed, "body": 2 * body}
+
+
+def train_step_flops(config: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int) -> int:
+    """Forward + backward matmul FLOPs of one training step (no recomputation counted)."""
+    f = forward_flops(config, image_tokens, text_tokens)
+    return batch * (2 * f["embed"] + 3 * f["body"])

@@ -1,0 +1,17 @@
+"""python -m mmdit.bench WHAT [options]: each benchmark prints what it compared and the ratios."""
+
+import argparse
+
+from mmdit.bench import model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mmdit.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    model.add_arguments(sub.add_parser("model", help=model.__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
