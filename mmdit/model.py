@@ -334,7 +334,10 @@ class MMDiT(nn.Module):
 
         t_freq = timestep_embedding((sigma * 1000).expand(x.shape[0]), self.config.frequency_dim)
         c = self.t_embedder(t_freq.to(dtype)) + self.y_embedder(pooled)           # (B, h)
-        x = self.x_embedder(x) + self.cropped_pos_embed(hp, wp).to(dtype)           # (B, Lx, h)
+        x = self.x_embedder(x)                                                      # (B, Lx, h)
+        # Under autocast the patches come out in low precision; keep the image stream in that dtype as diffusers
+        # does (the text stream is in it already), rather than promoting it to fp32 through the table.
+        x = (x + self.cropped_pos_embed(hp, wp)).to(x.dtype)
         context = self.context_embedder(context)                                    # (B, Lc, h)
 
         for i, block in enumerate(self.joint_blocks):
@@ -351,30 +354,34 @@ class MMDiT(nn.Module):
 def forward_flops(config: MMDiTConfig, image_tokens: int, text_tokens: int) -> dict[str, int]:
     """Matmul FLOPs (2 per multiply-add) of one sample's forward pass, as this implementation computes it.
 
-    Returns {"embed": ..., "body": ...}: "embed" are the layers that read the inputs (patch, context, timestep and
-    pooled embedders), whose backward needs only weight gradients; a training step costs 2 * embed + 3 * body.
+    "embed": the layers that read the inputs (patch, context, timestep and pooled embedders), whose backward needs
+    only weight gradients; "linear": every other weight matmul; "attention": QK^T and PV. A training step costs
+    2 * embed + 3 * (linear + attention), recomputation not counted.
     """
-    h, f, m = config.hidden_size, config.frequency_dim, config.mlp_hidden
+    h, m = config.hidden_size, config.mlp_hidden
     p2c = config.patch_size ** 2 * config.in_channels
     Lx, Lc = image_tokens, text_tokens
-    embed = Lx * p2c * h + Lc * config.context_dim * h + f * h + config.pooled_dim * h
-    body = 2 * h * h                                        # second layers of the timestep and pooled embedders
+    embed = Lx * p2c * h + Lc * config.context_dim * h + (config.frequency_dim + config.pooled_dim) * h
+    linear = 2 * h * h                                      # second layers of the timestep and pooled embedders
+    attn = 0
     stream = lambda L: L * (4 * h * h + 2 * h * m)          # qkv, proj, fc1, fc2
     for i in range(config.depth):
-        last = i == config.depth - 1
-        body += stream(Lx)
-        body += (6 + 3 * (i in config.x_self_attn_layers)) * h * h + (2 if last else 6) * h * h   # adaLN
-        if last:
-            body += Lc * 2 * h * h + 2 * Lx * (Lx + Lc) * h   # text k, v only; image queries only
+        last, extra = i == config.depth - 1, i in config.x_self_attn_layers
+        linear += stream(Lx) + (9 if extra else 6) * h * h + (2 if last else 6) * h * h   # + adaLN of both
+        if last:   # text keys and values only; image queries only
+            linear += Lc * 2 * h * h
+            attn += 2 * Lx * (Lx + Lc) * h
         else:
-            body += stream(Lc) + 2 * (Lx + Lc) ** 2 * h
-        if i in config.x_self_attn_layers:
-            body += Lx * 4 * h * h + 2 * Lx * Lx * h
-    body += 2 * h * h + Lx * h * p2c                        # final adaLN and linear
-    return {"embed": 2 * embed, "body": 2 * body}
+            linear += stream(Lc)
+            attn += 2 * (Lx + Lc) ** 2 * h
+        if extra:
+            linear += Lx * 4 * h * h
+            attn += 2 * Lx * Lx * h
+    linear += 2 * h * h + Lx * h * p2c                      # final adaLN and linear
+    return {"embed": 2 * embed, "linear": 2 * linear, "attention": 2 * attn}
 
 
 def train_step_flops(config: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int) -> int:
     """Forward + backward matmul FLOPs of one training step (no recomputation counted)."""
     f = forward_flops(config, image_tokens, text_tokens)
-    return batch * (2 * f["embed"] + 3 * f["body"])
+    return batch * (2 * f["embed"] + 3 * (f["linear"] + f["attention"]))

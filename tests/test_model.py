@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmdit.config import MODEL_PRESETS, MMDiTConfig, model_preset, paper_depth
-from mmdit.model import MMDiT
+from mmdit.model import MMDiT, forward_flops, train_step_flops
 from tests.conftest import tiny_inputs
 
 
@@ -125,3 +125,23 @@ def test_config_validation():
         MMDiTConfig.from_dict({"depht": 3})
     cfg = model_preset("tiny-sd3.5")
     assert MMDiTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd3.5"])
+def test_flop_formula_matches_counted_matmuls(name):
+    """The analytic count behind the benchmark's FLOP fraction, against torch's counter. The counter does not see
+    CPU attention kernels, so attention is checked separately: it is 4 * L_q * L_k * h per block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model(name, randomize=True)
+    cfg = model.config
+    inp = inputs_for(cfg, height=12, width=8, context_len=7)
+    Lx = 6 * 4
+    with FlopCounterMode(display=False) as counter:
+        model(**inp)
+    f = forward_flops(cfg, Lx, 7)
+    assert counter.get_total_flops() == 2 * (f["embed"] + f["linear"])
+    h, L = cfg.hidden_size, Lx + 7
+    expected_attn = 4 * h * ((cfg.depth - 1) * L * L + Lx * L + sum(Lx * Lx for _ in cfg.x_self_attn_layers))
+    assert f["attention"] == expected_attn
+    assert train_step_flops(cfg, 2, Lx, 7) == 2 * (2 * f["embed"] + 3 * (f["linear"] + f["attention"]))

@@ -111,7 +111,7 @@ def run_case(depth, side, batch, precision, device, rounds, peak_flops):
     image_tokens = (side // 2) ** 2
     flops = train_step_flops(config, batch, image_tokens, TEXT_TOKENS)
     f = forward_flops(config, image_tokens, TEXT_TOKENS)
-    fwd_flops = batch * (f["embed"] + f["body"])
+    fwd_flops = batch * sum(f.values())
     return {
         "depth": depth, "latent": f"{side}x{side}", "image_tokens": image_tokens, "text_tokens": TEXT_TOKENS,
         "batch": batch, "precision": precision, "max_abs_diff": max_diff,
