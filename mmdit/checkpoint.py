@@ -195,7 +195,8 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad pickle
-        raise CheckpointError(f"{path} could not be loaded as a weights-only pickle: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} could not be loaded as a weights-only pickle: {reason}") from None
     for key in ("state_dict", "module", "model"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -225,7 +226,8 @@ def _read_diffusers_dir(path: Path, allow_pickle: bool) -> tuple[dict[str, torch
     raise CheckpointError(f"{path} holds no diffusers transformer weights; accepted: {ACCEPTED}")
 
 
-def read_mmdit_state(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], MMDiTConfig]:
+def read_mmdit_state(path: str | os.PathLike,
+                     allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], MMDiTConfig]:
     """Any accepted checkpoint -> (state dict in our key names, inferred config). No model is built."""
     path = Path(path)
     if not path.exists():
@@ -244,7 +246,6 @@ def read_mmdit_state(path: str | os.PathLike, allow_pickle: bool = False) -> tup
             head_dim = json.loads(meta["mmdit_config"])["head_dim"]
     else:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; accepted: {ACCEPTED}")
-
     return to_native_state(state, head_dim, str(path))
 
 

@@ -97,7 +97,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv(z).view(B, L, 3, self.num_heads, -1).unbind(2)
         else:
             h = self.qkv.in_features
-            q, (k, v) = None, F.linear(z, self.qkv.weight[h:], self.qkv.bias[h:]).view(B, L, 2, self.num_heads, -1).unbind(2)
+            kv = F.linear(z, self.qkv.weight[h:], self.qkv.bias[h:])
+            q, (k, v) = None, kv.view(B, L, 2, self.num_heads, -1).unbind(2)
         if hasattr(self, "ln_q"):
             q = self.ln_q(q) if q is not None else None
             k = self.ln_k(k)

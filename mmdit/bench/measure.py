@@ -27,9 +27,9 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def alternate(fns: dict, device: torch.device, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, run in turn (a, b, a, b, ...) so drifts of a noisy machine
-    (frequency, other load) hit every side alike."""
+def alternate(fns: dict, device: torch.device, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function over `rounds` rounds, run in turn (a, b, a, b, ...) so drifts of a noisy
+    machine (frequency, other load) hit every side alike. Returns every round's time per function."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -37,16 +37,22 @@ def alternate(fns: dict, device: torch.device, rounds: int, warmup: int = 1) -> 
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048, 3072), reps: int = 3) -> float:
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of slow/fast within each round: neighbours in time share the machine's state, so this
+    is steadier than a ratio of medians on a machine whose speed drifts."""
+    return statistics.median(a / b for a, b in zip(slow, fast))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048, 3072), reps: int = 5) -> float:
     """This machine's dense-matmul rate in FLOP/s: the best of square matmuls of a few sizes."""
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        seconds = min(alternate({"mm": lambda: a @ b}, device, reps).values(), default=None)
+        seconds = min(alternate({"mm": lambda: a @ b}, device, reps)["mm"])
         best = max(best, 2 * n**3 / seconds)
     return best
 

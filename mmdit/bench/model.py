@@ -10,12 +10,13 @@ peak measured in the same run.
 from __future__ import annotations
 
 import json
+import statistics
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from mmdit.bench.measure import (alternate, matmul_peak, measure_in_subprocess, peak_step_memory,
+from mmdit.bench.measure import (alternate, matmul_peak, measure_in_subprocess, paired_ratio, peak_step_memory,
                                  track_freed_memory)
 from mmdit.checkpoint import build_mmdit, to_native_state
 from mmdit.model import forward_flops, train_step_flops
@@ -96,13 +97,17 @@ def step_memory_alone(depth, side, batch, precision, device, name):
     return peak_step_memory(sides[name][0], device)
 
 
-def run_case(depth, side, batch, precision, device, rounds, peak_flops):
+def run_case(depth, side, batch, precision, device, rounds, peak_flops, measure_memory=True):
     config, sides = make_case(depth, side, batch, precision, device)
     max_diff = (sides["ours"][1]().float() - sides["diffusers"][1]().float()).abs().max().item()
-    train = alternate({n: s[0] for n, s in sides.items()}, device, rounds)
-    fwd = alternate({n: s[1] for n, s in sides.items()}, device, rounds)
+    train_rounds = alternate({n: s[0] for n, s in sides.items()}, device, rounds)
+    fwd_rounds = alternate({n: s[1] for n, s in sides.items()}, device, rounds)
+    train = {n: statistics.median(t) for n, t in train_rounds.items()}
+    fwd = {n: statistics.median(t) for n, t in fwd_rounds.items()}
     del sides
-    if device.type == "cpu":  # each side in a fresh process: allocator settings that track memory slow timing
+    if not measure_memory:
+        memory = {"ours": None, "diffusers": None}
+    elif device.type == "cpu":  # each side in a fresh process: allocator settings that track memory slow timing
         memory = {n: measure_in_subprocess(step_memory_alone, depth, side, batch, precision, device, n)
                   for n in ("ours", "diffusers")}
     else:
@@ -115,8 +120,9 @@ def run_case(depth, side, batch, precision, device, rounds, peak_flops):
     return {
         "depth": depth, "latent": f"{side}x{side}", "image_tokens": image_tokens, "text_tokens": TEXT_TOKENS,
         "batch": batch, "precision": precision, "max_abs_diff": max_diff,
-        "train_s": train, "forward_s": fwd, "train_speedup": train["diffusers"] / train["ours"],
-        "forward_speedup": fwd["diffusers"] / fwd["ours"], "peak_bytes": memory,
+        "train_s": train, "forward_s": fwd,
+        "train_speedup": paired_ratio(train_rounds["diffusers"], train_rounds["ours"]),
+        "forward_speedup": paired_ratio(fwd_rounds["diffusers"], fwd_rounds["ours"]), "peak_bytes": memory,
         "train_flops": flops, "train_mfu": {n: flops / t / peak_flops for n, t in train.items()},
         "forward_mfu": {n: fwd_flops / t / peak_flops for n, t in fwd.items()}, "matmul_peak_flops": peak_flops,
     }
@@ -130,7 +136,8 @@ def report(r):
     print(f"\ndepth {r['depth']} (hidden {64 * r['depth']}), latent {r['latent']} ({r['image_tokens']} image + "
           f"{r['text_tokens']} text tokens), batch {r['batch']}, {r['precision']}; max |ours - diffusers| = "
           f"{r['max_abs_diff']:.2e}")
-    print(f"  {'':10s} {'ours':>10s} {'diffusers':>10s} {'speedup':>8s}   matmul peak fraction (ours / diffusers)")
+    print(f"  {'(medians)':10s} {'ours':>10s} {'diffusers':>10s} {'speedup':>8s}   "
+          f"matmul peak fraction (ours / diffusers)")
     for kind in ("train", "forward"):
         t = r[f"{kind}_s"]
         mfu = r[f"{kind}_mfu"]
@@ -147,7 +154,8 @@ def run(args):
     precisions = args.precision or (["fp32", "bf16-autocast"] if device.type == "cpu" else ["bf16-autocast"])
     print(f"MM-DiT benchmark on {device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}: "
           f"mmdit.MMDiT vs diffusers.SD3Transformer2DModel, same config and weights, alternating; "
-          f"{args.rounds} timed rounds, medians; train step = forward + MSE + backward + fused AdamW")
+          f"{args.rounds} timed rounds; speedup = median over rounds of diffusers/ours; "
+          f"train step = forward + MSE + backward + fused AdamW")
     peaks = {}
     for precision in precisions:
         dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
@@ -171,6 +179,6 @@ def add_arguments(parser):
     parser.add_argument("--precision", action="append", choices=["fp32", "bf16-autocast"],
                         help="default: fp32 and bf16-autocast on CPU, bf16-autocast on GPU")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls of each side (default 5)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed calls of each side (default 7)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.set_defaults(run=run)

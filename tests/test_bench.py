@@ -1,0 +1,35 @@
+"""The benchmark's instruments: they must measure what they say, or the reported ratios mean nothing."""
+
+import torch
+
+from mmdit.bench.measure import alternate, cpu_peak_supported, paired_ratio, peak_memory
+from mmdit.bench.model import run_case
+
+
+def test_paired_ratio_follows_drift():
+    slow = [2.0, 4.0, 6.0]   # the machine slows down over the run; the ratio within each round stays 2
+    fast = [1.0, 2.0, 3.0]
+    assert paired_ratio(slow, fast) == 2.0
+
+
+def test_alternate_runs_every_function_every_round():
+    calls = []
+    times = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"), 3)
+    assert calls == ["a", "b"] * 4 and all(len(t) == 3 for t in times.values())
+
+
+def test_cpu_peak_memory_sees_a_large_temporary():
+    if not cpu_peak_supported():
+        return  # not Linux: the benchmark reports n/a, which this cannot check
+    with peak_memory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert mem["bytes"] >= 60 * 2**20
+
+
+def test_run_case_compares_equal_models():
+    r = run_case(depth=2, side=4, batch=1, precision="fp32", device=torch.device("cpu"), rounds=1,
+                 peak_flops=1e11, measure_memory=False)
+    assert r["max_abs_diff"] < 1e-5
+    assert r["train_speedup"] > 0 and set(r["train_s"]) == {"ours", "diffusers"}
+    assert r["train_flops"] > 0 and 0 < r["train_mfu"]["ours"]
