@@ -173,7 +173,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: str, head_dim: int 
 # Reading
 
 
-def _read_safetensors(path: Path, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors whose key starts with prefix (prefix stripped; all of them for None) and the file's metadata."""
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -213,10 +213,10 @@ def _read_diffusers_dir(path: Path, allow_pickle: bool) -> tuple[dict[str, torch
         files = sorted(set(json.loads((path / DIFFUSERS_INDEX).read_text())["weight_map"].values()))
         state = {}
         for name in files:
-            state.update(_read_safetensors(path / name, prefix="")[0])
+            state.update(read_safetensors(path / name, prefix="")[0])
         return state, config
     if (path / DIFFUSERS_WEIGHTS).is_file():
-        return _read_safetensors(path / DIFFUSERS_WEIGHTS, prefix="")[0], config
+        return read_safetensors(path / DIFFUSERS_WEIGHTS, prefix="")[0], config
     pickles = sorted(path.glob("diffusion_pytorch_model*.bin"))
     if pickles:
         state = {}
@@ -241,7 +241,7 @@ def read_mmdit_state(path: str | os.PathLike,
     elif path.suffix in PICKLE_SUFFIXES:
         state = _read_pickle(path, allow_pickle)
     elif path.suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
+        state, meta = read_safetensors(path)
         if "mmdit_config" in meta:
             head_dim = json.loads(meta["mmdit_config"])["head_dim"]
     else:
@@ -322,7 +322,7 @@ def diffusers_config(config: MMDiTConfig) -> dict:
     }
 
 
-def _atomic_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+def atomic_save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -343,9 +343,9 @@ def save_mmdit(model: MMDiT, path: str | os.PathLike, format: str = "native"):
     state = model.state_dict()
     meta = {"format": NATIVE_FORMAT, "mmdit_config": json.dumps(model.config.to_dict())}
     if format == "native":
-        _atomic_file(path, state, meta)
+        atomic_save_file(path, state, meta)
     elif format == "sai":
-        _atomic_file(path, {SAI_PREFIX + k: v for k, v in state.items()}, {"mmdit_config": meta["mmdit_config"]})
+        atomic_save_file(path, {SAI_PREFIX + k: v for k, v in state.items()}, {"mmdit_config": meta["mmdit_config"]})
     else:
         config = diffusers_config(model.config)
         path.parent.mkdir(parents=True, exist_ok=True)

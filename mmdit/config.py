@@ -98,6 +98,32 @@ def model_preset(name: str) -> MMDiTConfig:
 
 
 @dataclass(frozen=True)
+class TextLayout:
+    """How the three encoders' outputs form the MM-DiT's conditioning (see mmdit.text.assemble).
+
+    context = [CLIP-L tokens | CLIP-G tokens | zeros up to context_dim] (clip_tokens rows), then T5's t5_tokens
+    rows; pooled = [CLIP-L pooled | CLIP-G pooled]. The widths are SD3's; tiny test models use their own.
+    """
+
+    clip_l_dim: int = 768
+    clip_g_dim: int = 1280
+    context_dim: int = 4096              # T5-XXL's width
+    clip_tokens: int = 77
+    t5_tokens: int = 77                  # Stability's reference pads T5 to 77; diffusers' default is 256
+
+    def __post_init__(self):
+        if self.clip_l_dim + self.clip_g_dim > self.context_dim:
+            raise ValueError(f"CLIP widths {self.clip_l_dim} + {self.clip_g_dim} exceed the context width "
+                             f"{self.context_dim}")
+        if self.t5_tokens < 1:
+            raise ValueError(f"the T5 sequence length must be >= 1, got {self.t5_tokens}")
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.clip_l_dim + self.clip_g_dim
+
+
+@dataclass(frozen=True)
 class FlowConfig:
     """Rectified-flow training and sampling settings (see mmdit.flow)."""
 
@@ -112,4 +138,4 @@ class FlowConfig:
     guidance_scale: float = 7.0
 
 
-__all__ = ["MMDiTConfig", "FlowConfig", "MODEL_PRESETS", "model_preset", "paper_depth"]
+__all__ = ["MMDiTConfig", "TextLayout", "FlowConfig", "MODEL_PRESETS", "model_preset", "paper_depth"]

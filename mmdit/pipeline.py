@@ -1,0 +1,221 @@
+"""Prompt to image: text encoders -> MM-DiT flow sampling -> VAE decode, as diffusers' StableDiffusion3Pipeline.
+
+For the same weights, seed and settings the image equals diffusers' (fp32 to within rounding): the starting noise
+of image i is torch.randn((1, C, H/f, W/f)) from a CPU generator seeded with seeds[i], in the model's dtype,
+which is what diffusers draws when given generator=[torch.Generator().manual_seed(s) for s in seeds]; the schedule,
+the Euler step, CFG over an [uncond, cond] batch and skip-layer guidance are the same; the negative prompt is the
+encoded empty string. Differences by design: the sampler state stays fp32 between steps (diffusers rounds it to the
+model dtype), and T5 is padded to 77 tokens by default (Stability's reference; diffusers uses 256).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmdit import flow
+from mmdit.checkpoint import SAI_PREFIX, CheckpointError, atomic_save_file, load_mmdit, read_safetensors
+from mmdit.config import TextLayout
+from mmdit.model import MMDiT
+from mmdit.text import (TextEncoders, clip_from_state, clip_tokenizer_from_open_clip, load_diffusers_text_encoders,
+                        t5_from_state)
+from mmdit.vae import VAE, load_diffusers_vae, to_ldm, vae_from_ldm_state
+
+ACCEPTED_MODELS = ("a diffusers SD3 pipeline directory (model_index.json with transformer/, vae/, text_encoder*/, "
+                   "tokenizer*/) or a Stability single file (*.safetensors with model.diffusion_model.* and "
+                   "first_stage_model.* keys; text encoders inside it as text_encoders.*, or beside it as "
+                   "clip_l/clip_g/t5xxl*.safetensors, also in a text_encoders/ folder)")
+T5_TOKENIZER_HUB_ID = "google/t5-v1_1-xxl"
+TEXT_ENCODER_PREFIX = "text_encoders.{}.transformer."
+VAE_PREFIX = "first_stage_model."
+
+
+@dataclass
+class Settings:
+    """Everything besides the prompt and seed that decides an image (written into each PNG)."""
+
+    steps: int = 28
+    cfg: float = 7.0
+    shift: float | None = None          # None: the model's scheduler shift (3.0 for every released SD3 / SD3.5)
+    sampler: str = "euler"
+    width: int = 1024
+    height: int = 1024
+    negative_prompt: str = ""
+    slg_layers: tuple[int, ...] = ()    # skip-layer guidance (SD3.5 Medium: 7, 8, 9); empty = off
+    slg_scale: float = 2.8
+    slg_start: float = 0.01
+    slg_end: float = 0.2
+
+
+class SD3Pipeline:
+    def __init__(self, transformer: MMDiT, vae: VAE, text: TextEncoders, shift: float = 3.0):
+        self.transformer, self.vae, self.text, self.shift = transformer.eval(), vae, text, shift
+
+    # ---- loading -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32, device="cpu",
+             t5_tokens: int = 77, t5_tokenizer: str | None = None, allow_pickle: bool = False) -> "SD3Pipeline":
+        """A diffusers pipeline directory or a Stability single file; see ACCEPTED_MODELS."""
+        path = Path(path)
+        if path.is_dir() and (path / "model_index.json").is_file():
+            transformer = load_mmdit(path, dtype=dtype, allow_pickle=allow_pickle)
+            vae = load_diffusers_vae(path, dtype)
+            text = load_diffusers_text_encoders(path, no_t5=no_t5, dtype=dtype, t5_tokens=t5_tokens,
+                                                context_dim=transformer.config.context_dim)
+            scheduler = path / "scheduler" / "scheduler_config.json"
+            shift = json.loads(scheduler.read_text()).get("shift", 3.0) if scheduler.is_file() else 3.0
+        elif path.is_file() and path.suffix == ".safetensors":
+            transformer = load_mmdit(path, dtype=dtype)
+            vae_state = read_safetensors(path, VAE_PREFIX)[0]
+            if not vae_state:
+                raise CheckpointError(f"{path} holds no VAE (first_stage_model.*); accepted: {ACCEPTED_MODELS}")
+            vae = vae_from_ldm_state(vae_state, dtype)
+            text = _single_file_text_encoders(path, no_t5, dtype, t5_tokens, t5_tokenizer, transformer)
+            shift = 3.0
+        elif not path.exists():
+            raise CheckpointError(f"model {path} does not exist; accepted: {ACCEPTED_MODELS}")
+        else:
+            raise CheckpointError(f"model {path} is not a recognised layout; accepted: {ACCEPTED_MODELS}")
+        if text.layout.pooled_dim != transformer.config.pooled_dim:
+            raise CheckpointError(f"{path}: text encoders give pooled width {text.layout.pooled_dim}, the MM-DiT "
+                                  f"expects {transformer.config.pooled_dim}")
+        pipe = cls(transformer, vae, text, shift)
+        return pipe.to(device)
+
+    def to(self, device) -> "SD3Pipeline":
+        self.transformer.to(device)
+        self.vae.autoencoder.to(device)
+        for enc in (self.text.clip_l, self.text.clip_g, self.text.t5):
+            if enc is not None:
+                enc.model.to(device)
+        return self
+
+    # ---- generation ----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.context_embedder.weight.dtype
+
+    def check_size(self, width: int, height: int):
+        multiple = self.vae.downsample * self.transformer.config.patch_size
+        if width % multiple or height % multiple or width <= 0 or height <= 0:
+            raise ValueError(f"width and height must be positive multiples of {multiple} for this model, "
+                             f"got {width}x{height}")
+
+    def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
+        """diffusers' draw for a list of CPU generators: one (1, C, h, w) randn per seed, in the model dtype."""
+        f = self.vae.downsample
+        shape = (1, self.vae.latent_channels, height // f, width // f)
+        return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=self.dtype)
+                          for s in seeds]).to(self.device)
+
+    def _velocity(self, x, sigma, context, pooled, skip_layers=()):
+        return self.transformer(x.to(self.dtype), sigma, context, pooled, skip_layers=skip_layers)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], settings: Settings = Settings(),
+                 progress=None) -> np.ndarray:
+        """uint8 images (B, H, W, 3) for the prompts, image i drawn from seeds[i]."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        self.check_size(settings.width, settings.height)
+        B, dtype, device = len(prompts), self.dtype, self.device
+        context, pooled = self.text.conditioning(prompts, dtype=dtype, device=device)
+        cond = {"context": context, "pooled": pooled}
+        uncond = None
+        if settings.cfg > 1:
+            u_context, u_pooled = self.text.conditioning([settings.negative_prompt] * B, dtype=dtype, device=device)
+            uncond = {"context": u_context, "pooled": u_pooled}
+        slg = None
+        if settings.slg_layers:
+            slg = flow.SkipLayerGuidance(tuple(settings.slg_layers), settings.slg_scale, settings.slg_start,
+                                         settings.slg_end)
+        velocity = flow.guided_velocity(self._velocity, cond, uncond, settings.cfg, settings.steps, slg)
+        shift = self.shift if settings.shift is None else settings.shift
+        schedule = flow.sigmas(settings.steps, shift)
+        latents = flow.sample(velocity, self.initial_noise(seeds, settings.width, settings.height), schedule,
+                              settings.sampler, progress=progress)
+        images = self.vae.decode(latents.to(self.vae.dtype)).float()
+        return ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def settings_record(settings: Settings) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stability single files
+
+
+def _beside(path: Path, role: str) -> Path | None:
+    """Stability ships text encoders as text_encoders/clip_l.safetensors etc. next to the model file."""
+    stem = {"clip_l": "clip_l", "clip_g": "clip_g", "t5xxl": "t5xxl"}[role]
+    for folder in (path.parent / "text_encoders", path.parent):
+        found = sorted(folder.glob(f"{stem}*.safetensors"))
+        if found:
+            return found[0]
+    return None
+
+
+def _encoder_state(path: Path, role: str) -> dict:
+    state = read_safetensors(path, TEXT_ENCODER_PREFIX.format(role))[0]
+    if state:
+        return state
+    beside = _beside(path, role)
+    if beside is None:
+        return {}
+    return read_safetensors(beside, "")[0]
+
+
+def _single_file_text_encoders(path: Path, no_t5: bool, dtype, t5_tokens: int, t5_tokenizer: str | None,
+                               transformer: MMDiT) -> TextEncoders:
+    clip_tokenizer = clip_tokenizer_from_open_clip()
+    encoders = {}
+    for role in ("clip_l", "clip_g"):
+        state = _encoder_state(path, role)
+        if not state:
+            raise CheckpointError(f"{path}: no {role} weights inside (text_encoders.{role}.*) or beside it "
+                                  f"({role}*.safetensors); accepted: {ACCEPTED_MODELS}")
+        encoders[role] = clip_from_state(state, role, clip_tokenizer, dtype)
+    t5 = None
+    if not no_t5:
+        state = _encoder_state(path, "t5xxl")
+        if not state:
+            raise CheckpointError(f"{path}: no T5 weights inside (text_encoders.t5xxl.*) or beside it "
+                                  f"(t5xxl*.safetensors); run with --no-t5 to use zeros for it")
+        from transformers import AutoTokenizer
+
+        t5 = t5_from_state(state, AutoTokenizer.from_pretrained(t5_tokenizer or T5_TOKENIZER_HUB_ID), dtype)
+    layout = TextLayout(clip_l_dim=encoders["clip_l"].width, clip_g_dim=encoders["clip_g"].width,
+                        context_dim=transformer.config.context_dim, t5_tokens=t5_tokens)
+    return TextEncoders(layout, encoders["clip_l"], encoders["clip_g"], t5)
+
+
+def export_single_file(pipeline_dir, out_path):
+    """A diffusers SD3 pipeline directory as one Stability-layout all-in-one file (MM-DiT, VAE, text encoders)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    pipeline_dir = Path(pipeline_dir)
+    tensors = {SAI_PREFIX + k: v for k, v in load_mmdit(pipeline_dir).state_dict().items()}
+    vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")
+    tensors.update({VAE_PREFIX + k: v for k, v in to_ldm(vae.state_dict(), len(vae.config.block_out_channels)).items()})
+    for role, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+        state = CLIPTextModelWithProjection.from_pretrained(pipeline_dir / sub).state_dict()
+        if role == "clip_l":  # Stability's CLIP-L file has no projection: SD3 uses the unprojected pooled output
+            state.pop("text_projection.weight")
+        tensors.update({TEXT_ENCODER_PREFIX.format(role) + k: v for k, v in state.items()})
+    if (pipeline_dir / "text_encoder_3").is_dir():
+        state = T5EncoderModel.from_pretrained(pipeline_dir / "text_encoder_3").state_dict()
+        state.pop("encoder.embed_tokens.weight")  # tied to shared.weight
+        tensors.update({TEXT_ENCODER_PREFIX.format("t5xxl") + k: v for k, v in state.items()})
+    atomic_save_file(Path(out_path), tensors, {})
