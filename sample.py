@@ -110,8 +110,14 @@ def main(argv=None):
     paths = output_paths(args.out, len(jobs))
     check_writable(paths[0])
 
+    import diffusers
     import torch
+    import transformers
     from tqdm import tqdm
+
+    # Our progress bar is over sampling steps; the libraries' per-file loading bars would bury errors.
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
     from mmdit.checkpoint import CheckpointError
     from mmdit.pipeline import SD3Pipeline, Settings, settings_record

@@ -36,3 +36,35 @@ def tiny_inputs(batch=2, height=8, width=8, context_len=7, context_dim=40, poole
 @pytest.fixture(params=list(TINY_DIFFUSERS))
 def diffusers_transformer(request):
     return tiny_diffusers_transformer(**TINY_DIFFUSERS[request.param])
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """A tiny random SD3 pipeline in diffusers' directory format (QK norm and an MMDiT-X block included)."""
+    from mmdit.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_single_file(tiny_pipeline, tmp_path_factory):
+    """The same weights as one Stability-layout all-in-one file."""
+    from mmdit.pipeline import export_single_file
+
+    path = tmp_path_factory.mktemp("tiny_sai") / "tiny_sd3_incl_clips_t5.safetensors"
+    export_single_file(tiny_pipeline, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_without_t5(tiny_pipeline, tmp_path_factory):
+    """The pipeline as shipped without T5: no text_encoder_3 / tokenizer_3."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny_no_t5") / "pipeline"
+    shutil.copytree(tiny_pipeline, path, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((path / "model_index.json").read_text())
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path

@@ -1,0 +1,153 @@
+"""sample.py end to end on a tiny pipeline: the image diffusers' StableDiffusion3Pipeline makes, and clean failures."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+sample_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_cli)
+
+PROMPT = "a photo of a red circle left of a blue square"
+COMMON = ["--steps", "4", "--cfg", "5", "--width", "64", "--height", "48", "--max-sequence-length", "40"]
+
+
+def diffusers_images(model_dir, seeds, no_t5=False, **kwargs):
+    from diffusers import StableDiffusion3Pipeline
+
+    extra = dict(text_encoder_3=None, tokenizer_3=None) if no_t5 else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, **extra)
+    args = dict(num_inference_steps=4, guidance_scale=5.0, width=64, height=48, max_sequence_length=40)
+    args.update(kwargs)
+    out = pipe([PROMPT] * len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
+               output_type="np", **args).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def read(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
+
+
+def assert_same_image(ours, theirs):
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).mean() <= 0.5 / 255 * 255  # mean abs difference <= 0.5/255 of the range
+    assert ours.std() > 5  # a real picture, not a constant
+
+
+@pytest.mark.parametrize("no_t5", [False, True])
+def test_sample_equals_diffusers(tiny_pipeline, tmp_path, no_t5):
+    out = tmp_path / "img.png"
+    sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--seed", "7", "--out", str(out), *COMMON,
+                     *(["--no-t5"] if no_t5 else [])])
+    assert_same_image(read(out), diffusers_images(tiny_pipeline, [7], no_t5=no_t5)[0])
+    info = Image.open(out).text
+    assert info["prompt"] == PROMPT
+    params = json.loads(info["parameters"])
+    assert params["seed"] == 7 and params["steps"] == 4 and params["t5"] is (not no_t5) and params["shift"] == 3.0
+
+
+def test_single_file_gives_the_same_image(tiny_pipeline, tiny_single_file, tmp_path):
+    out = tmp_path / "img.png"
+    sample_cli.main(["--model", str(tiny_single_file), "--t5-tokenizer", str(tiny_pipeline / "tokenizer_3"),
+                     "--prompt", PROMPT, "--seed", "7", "--out", str(out), *COMMON])
+    assert_same_image(read(out), diffusers_images(tiny_pipeline, [7])[0])
+
+
+def test_batch_and_several_images_follow_the_seed_rule(tiny_pipeline, tmp_path):
+    sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--seed", "3", "--num-images", "3",
+                     "--batch-size", "2", "--out", str(tmp_path / "dir"), *COMMON])
+    written = sorted((tmp_path / "dir").glob("*.png"))
+    assert [p.name for p in written] == ["00000.png", "00001.png", "00002.png"]
+    reference = diffusers_images(tiny_pipeline, [3, 4, 5])
+    for path, ref in zip(written, reference):
+        assert_same_image(read(path), ref)
+
+
+def test_skip_layer_guidance_equals_diffusers(tiny_pipeline, tmp_path):
+    out = tmp_path / "slg.png"
+    sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--seed", "1", "--out", str(out),
+                     "--steps", "20", "--cfg", "5", "--width", "64", "--height", "48",
+                     "--max-sequence-length", "40", "--slg-layers", "1"])
+    ref = diffusers_images(tiny_pipeline, [1], num_inference_steps=20, skip_guidance_layers=[1])[0]
+    assert_same_image(read(out), ref)
+    plain = diffusers_images(tiny_pipeline, [1], num_inference_steps=20)[0]
+    assert np.abs(read(out) - plain).max() > 0  # guidance really changed the image (a few early steps only)
+
+
+# ---- bad input: one line on stderr, exit 2, nothing written ----------------------------------------------------
+
+def run_failing(argv, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sample.py: error: ") and "\n" not in err
+    return err
+
+
+def test_missing_model_lists_accepted_layouts(tmp_path, capsys):
+    err = run_failing(["--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o" / "a.png")],
+                      capsys, tmp_path)
+    assert "does not exist" in err and "diffusers SD3 pipeline directory" in err and "Stability single file" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_model_file(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    err = run_failing(["--model", str(bad), "--prompt", "x", "--out", str(tmp_path / "a.png")], capsys, tmp_path)
+    assert "not a readable safetensors file" in err and not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("size", [("60", "48"), ("64", "40")])
+def test_size_not_a_multiple_of_16(tiny_pipeline, tmp_path, capsys, size):
+    err = run_failing(["--model", str(tiny_pipeline), "--prompt", "x", "--width", size[0], "--height", size[1],
+                       "--out", str(tmp_path / "a.png")], capsys, tmp_path)
+    assert "multiples of 16" in err and not (tmp_path / "a.png").exists()
+
+
+def test_model_without_t5_needs_no_t5(tiny_pipeline_without_t5, tmp_path, capsys):
+    err = run_failing(["--model", str(tiny_pipeline_without_t5), "--prompt", "x", "--out", str(tmp_path / "a.png"),
+                       *COMMON], capsys, tmp_path)
+    assert "--no-t5" in err and not (tmp_path / "a.png").exists()
+
+
+def test_unwritable_out(tiny_pipeline, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    err = run_failing(["--model", str(tiny_pipeline), "--prompt", "x", "--out", str(blocker / "sub" / "a.png")],
+                      capsys, tmp_path)
+    assert "cannot write --out" in err
+
+
+def test_pickle_weights_need_opt_in(tiny_pipeline, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), model / "transformer" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    err = run_failing(["--model", str(model), "--prompt", "x", "--out", str(tmp_path / "a.png"), *COMMON],
+                      capsys, tmp_path)
+    assert "pickle" in err and "allow_pickle" in err and not (tmp_path / "a.png").exists()
+    sample_cli.main(["--model", str(model), "--prompt", PROMPT, "--seed", "7", "--allow-pickle",
+                     "--out", str(tmp_path / "a.png"), *COMMON])
+    assert_same_image(read(tmp_path / "a.png"), diffusers_images(tiny_pipeline, [7])[0])
+
+
+def test_real_process_exit_code(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(tmp_path / "none"),
+                             "--prompt", "x", "--out", str(tmp_path / "a.png")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("sample.py: error: model")
