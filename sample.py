@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--t5-tokenizer", default=None, help="for Stability single files: T5 tokenizer path or hub id")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in little memory")
+    p.add_argument("--clip-g", help="replace CLIP-G: a safetensors file in transformers' or open_clip's layout")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (loaded weights-only)")
     p.add_argument("--out", required=True, help="a .png file, or a directory for several images")
     return p.parse_args(argv)
@@ -127,12 +129,13 @@ def main(argv=None):
     try:
         pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
                                 t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer,
-                                allow_pickle=args.allow_pickle)
+                                allow_pickle=args.allow_pickle, clip_g=args.clip_g)
         settings = Settings(steps=args.steps, cfg=args.cfg, shift=pipe.shift if args.shift is None else args.shift,
                             sampler=args.sampler,
                             width=args.width, height=args.height, negative_prompt=args.negative_prompt,
                             slg_layers=tuple(args.slg_layers), slg_scale=args.slg_scale)
         pipe.check_size(args.width, args.height)
+        pipe.vae.memory_saving(slicing=True, tiling=args.vae_tiling)
     except (CheckpointError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

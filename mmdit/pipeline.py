@@ -10,7 +10,9 @@ model dtype), and T5 is padded to 77 tokens by default (Stability's reference; d
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from mmdit.checkpoint import SAI_PREFIX, CheckpointError, atomic_save_file, load
 from mmdit.config import TextLayout
 from mmdit.model import MMDiT
 from mmdit.text import (TextEncoders, clip_from_state, clip_tokenizer_from_open_clip, load_diffusers_text_encoders,
-                        t5_from_state)
+                        open_clip_text_to_transformers, t5_from_state)
 from mmdit.vae import VAE, load_diffusers_vae, to_ldm, vae_from_ldm_state
 
 ACCEPTED_MODELS = ("a diffusers SD3 pipeline directory (model_index.json with transformer/, vae/, text_encoder*/, "
@@ -59,9 +61,12 @@ class SD3Pipeline:
 
     @classmethod
     def load(cls, path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32, device="cpu",
-             t5_tokens: int = 77, t5_tokenizer: str | None = None, allow_pickle: bool = False) -> "SD3Pipeline":
-        """A diffusers pipeline directory or a Stability single file; see ACCEPTED_MODELS."""
-        path = Path(path)
+             t5_tokens: int = 77, t5_tokenizer: str | None = None, allow_pickle: bool = False,
+             clip_g: str | None = None) -> "SD3Pipeline":
+        """A diffusers pipeline directory or a Stability single file (see ACCEPTED_MODELS), or a hub id of a
+        diffusers SD3 repository when the hub can be reached. clip_g: a safetensors file that replaces CLIP-G, in
+        transformers' layout (Stability's clip_g.safetensors) or open_clip's (a ViT-bigG-14 checkpoint)."""
+        path = resolve_model(path, no_t5)
         if path.is_dir() and (path / "model_index.json").is_file():
             transformer = load_mmdit(path, dtype=dtype, allow_pickle=allow_pickle)
             vae = load_diffusers_vae(path, dtype)
@@ -81,6 +86,12 @@ class SD3Pipeline:
             raise CheckpointError(f"model {path} does not exist; accepted: {ACCEPTED_MODELS}")
         else:
             raise CheckpointError(f"model {path} is not a recognised layout; accepted: {ACCEPTED_MODELS}")
+        if clip_g is not None:
+            state = read_safetensors(Path(clip_g), "")[0]
+            if "token_embedding.weight" in state:
+                state = open_clip_text_to_transformers(state)
+            text.clip_g = clip_from_state(state, "clip_g", text.clip_g.tokenizer, dtype)
+            text.layout = dataclasses.replace(text.layout, clip_g_dim=text.clip_g.width)
         if text.layout.pooled_dim != transformer.config.pooled_dim:
             raise CheckpointError(f"{path}: text encoders give pooled width {text.layout.pooled_dim}, the MM-DiT "
                                   f"expects {transformer.config.pooled_dim}")
@@ -146,6 +157,25 @@ class SD3Pipeline:
                               settings.sampler, progress=progress)
         images = self.vae.decode(latents.to(self.vae.dtype)).float()
         return ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def resolve_model(path, no_t5: bool = False) -> Path:
+    """A local path as it is; an 'org/name' that is no local path as the hub's diffusers SD3 repository, fetched
+    (or found in the cache) by huggingface_hub, without T5's files when no_t5."""
+    local = Path(path)
+    if local.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        return local
+    from huggingface_hub import snapshot_download
+
+    parts = ["scheduler", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+    parts += [] if no_t5 else ["text_encoder_3", "tokenizer_3"]
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
+                                      ignore_patterns=["*.bin", "*.pt", "*.ckpt"]))
+    except Exception as e:  # offline, unknown repository, gated model: the hub client raises many kinds
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"model {path} is no local path and could not be fetched from the hub ({reason}); "
+                              f"accepted: {ACCEPTED_MODELS}") from None
 
 
 def settings_record(settings: Settings) -> dict:

@@ -15,6 +15,7 @@ T5 and training with T5 dropped see the same input.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -263,6 +264,31 @@ def clip_from_state(state: dict, role: str, tokenizer, dtype: torch.dtype = torc
     return ClipEncoder(model.to(dtype).eval().requires_grad_(False), tokenizer,
                        pad_id=CLIP_EOS if role == "clip_l" else 0, project_pooled=role == "clip_g",
                        name=role.upper())
+
+
+def open_clip_text_to_transformers(state: dict) -> dict:
+    """An open_clip CLIP's text tower (token_embedding, transformer.resblocks.*, ln_final, text_projection) in
+    transformers' CLIPTextModelWithProjection names, so CLIP-G can come from open_clip (e.g. ViT-bigG-14)."""
+    out = {"text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+           "text_model.final_layer_norm.weight": state["ln_final.weight"],
+           "text_model.final_layer_norm.bias": state["ln_final.bias"],
+           "text_projection.weight": state["text_projection"].t().contiguous()}  # open_clip applies x @ P
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    for key, value in state.items():
+        key = key.replace(".in_proj_weight", ".in_proj.weight").replace(".in_proj_bias", ".in_proj.bias")
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if not m:
+            continue
+        layer, name, kind = m.groups()
+        prefix = f"text_model.encoder.layers.{layer}."
+        if name == "attn.in_proj":  # fused q, k, v along the output rows
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                out[f"{prefix}self_attn.{part}.{kind}"] = chunk.contiguous()
+        elif name in names:
+            out[f"{prefix}{names[name]}.{kind}"] = value
+    return out
 
 
 def t5_from_state(state: dict, tokenizer, dtype: torch.dtype = torch.float32) -> T5Encoder:

@@ -124,4 +124,4 @@ def load_diffusers_vae(path, dtype: torch.dtype = torch.float32) -> VAE:
     path = Path(path)
     if (path / "vae").is_dir():
         path = path / "vae"
-    return VAE(AutoencoderKL.from_pretrained(path, torch_dtype=dtype))
+    return VAE(AutoencoderKL.from_pretrained(path, dtype=dtype))

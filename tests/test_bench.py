@@ -33,3 +33,13 @@ def test_run_case_compares_equal_models():
     assert r["max_abs_diff"] < 1e-5
     assert r["train_speedup"] > 0 and set(r["train_s"]) == {"ours", "diffusers"}
     assert r["train_flops"] > 0 and 0 < r["train_mfu"]["ours"]
+
+
+def test_sampling_bench_sides_make_the_same_images(tiny_pipeline):
+    from mmdit.bench.sample import make_sides
+
+    sides = make_sides(str(tiny_pipeline), steps=3, size=32, batch=2, t5_tokens=20, device=torch.device("cpu"),
+                       dtype=torch.float32)
+    ours, theirs = sides["ours"](), sides["diffusers"]()
+    assert ours.shape == theirs.shape == (2, 32, 32, 3)
+    assert abs(ours.astype(int) - theirs.astype(int)).max() <= 1

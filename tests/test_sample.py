@@ -151,3 +151,38 @@ def test_real_process_exit_code(tmp_path):
                              "--prompt", "x", "--out", str(tmp_path / "a.png")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("sample.py: error: model")
+
+
+def test_hub_id_offline_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    err = run_failing(["--model", "nobody-here/no-such-sd3", "--prompt", "x", "--out", str(tmp_path / "a.png")],
+                      capsys, tmp_path)
+    assert "could not be fetched from the hub" in err and not (tmp_path / "a.png").exists()
+
+
+def test_clip_g_from_an_open_clip_file_gives_the_same_image(tiny_pipeline, tmp_path):
+    """CLIP-G replaced by the same tower stored in open_clip's layout: the image does not change."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModelWithProjection
+
+    state = CLIPTextModelWithProjection.from_pretrained(tiny_pipeline / "text_encoder_2").state_dict()
+    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers."))
+    oc = {"token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+          "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+          "ln_final.weight": state["text_model.final_layer_norm.weight"],
+          "ln_final.bias": state["text_model.final_layer_norm.bias"],
+          "text_projection": state["text_projection.weight"].t().contiguous()}
+    for i in range(layers):
+        p = f"text_model.encoder.layers.{i}."
+        q = f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            oc[q + f"attn.in_proj_{kind}"] = torch.cat([state[p + f"self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                                 ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")):
+                oc[q + f"{theirs}.{kind}"] = state[p + f"{ours}.{kind}"]
+    save_file(oc, tmp_path / "open_clip_bigG.safetensors")
+    out = tmp_path / "img.png"
+    sample_cli.main(["--model", str(tiny_pipeline), "--clip-g", str(tmp_path / "open_clip_bigG.safetensors"),
+                     "--prompt", PROMPT, "--seed", "7", "--out", str(out), *COMMON])
+    assert_same_image(read(out), diffusers_images(tiny_pipeline, [7])[0])

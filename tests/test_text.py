@@ -149,3 +149,30 @@ def test_single_file_encoders_equal_directory_encoders(tiny_single_file, tiny_pi
         state = read_safetensors(tiny_single_file, prefix.format("clip_g"))[0]
         state.pop("text_projection.weight")
         clip_from_state(state, "clip_g", tok)
+
+
+def test_clip_g_through_open_clip_matches_open_clip():
+    """An open_clip text tower (the family CLIP-G comes from), converted, gives open_clip's own pooled output and
+    its penultimate block's token states."""
+    import open_clip
+
+    from mmdit.text import clip_from_state, open_clip_text_to_transformers
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=48, vision_cfg=open_clip.CLIPVisionCfg(layers=1, width=64, patch_size=16,
+                                                                             image_size=32),
+                           text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2,
+                                                          layers=3)).eval()
+    tok = clip_tokenizer_from_open_clip()
+    ours = clip_from_state(open_clip_text_to_transformers(model.state_dict()), "clip_g", tok)
+    prompts = [PROMPTS["short"], PROMPTS["empty"]]
+    ids = clip_token_ids(tok, prompts, pad_id=0)
+    captured = {}
+    hook = model.transformer.resblocks[-2].register_forward_hook(lambda m, i, o: captured.update(x=o))
+    with torch.no_grad():
+        pooled_ref = model.encode_text(ids)
+    hook.remove()
+    tokens_ref = captured["x"] if model.transformer.batch_first else captured["x"].transpose(0, 1)
+    tokens, pooled = ours(prompts)
+    torch.testing.assert_close(pooled, pooled_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens, tokens_ref, rtol=0, atol=1e-5)

@@ -2,13 +2,14 @@
 
 import argparse
 
-from mmdit.bench import model
+from mmdit.bench import model, sample
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mmdit.bench", description=__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
     model.add_arguments(sub.add_parser("model", help=model.__doc__.splitlines()[0]))
+    sample.add_arguments(sub.add_parser("sample", help=sample.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     args.run(args)
 
