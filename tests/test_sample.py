@@ -186,3 +186,24 @@ def test_clip_g_from_an_open_clip_file_gives_the_same_image(tiny_pipeline, tmp_p
     sample_cli.main(["--model", str(tiny_pipeline), "--clip-g", str(tmp_path / "open_clip_bigG.safetensors"),
                      "--prompt", PROMPT, "--seed", "7", "--out", str(out), *COMMON])
     assert_same_image(read(out), diffusers_images(tiny_pipeline, [7])[0])
+
+
+def test_single_file_with_text_encoders_beside_it(tiny_pipeline, tiny_single_file, tmp_path):
+    """Stability's layout for SD3.5: the model file holds MM-DiT and VAE; text_encoders/clip_l.safetensors,
+    clip_g.safetensors and t5xxl_fp16.safetensors lie beside it. Prompts come from a file."""
+    from safetensors.torch import load_file, save_file
+
+    everything = load_file(tiny_single_file)
+    (tmp_path / "text_encoders").mkdir()
+    for role, name in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5xxl_fp16")):
+        prefix = f"text_encoders.{role}.transformer."
+        save_file({k[len(prefix):]: v for k, v in everything.items() if k.startswith(prefix)},
+                  tmp_path / "text_encoders" / f"{name}.safetensors")
+    save_file({k: v for k, v in everything.items() if not k.startswith("text_encoders.")},
+              tmp_path / "sd3.5_tiny.safetensors")
+    (tmp_path / "prompts.txt").write_text(f"{PROMPT}\n\n")
+    out = tmp_path / "img.png"
+    sample_cli.main(["--model", str(tmp_path / "sd3.5_tiny.safetensors"), "--prompts-file",
+                     str(tmp_path / "prompts.txt"), "--t5-tokenizer", str(tiny_pipeline / "tokenizer_3"),
+                     "--seed", "7", "--out", str(out), *COMMON])
+    assert_same_image(read(out), diffusers_images(tiny_pipeline, [7])[0])
