@@ -22,12 +22,14 @@ PROMPT = "a photo of a red circle left of a blue square"
 
 def make_sides(model: str, steps: int, size: int, batch: int, t5_tokens: int, device: torch.device, dtype):
     """{name: () -> uint8 images (batch, size, size, 3)} for ours and diffusers, with identical settings."""
+    import transformers
     from diffusers import StableDiffusion3Pipeline
     from diffusers.utils import logging as diffusers_logging
 
     from mmdit.pipeline import SD3Pipeline, Settings
 
     diffusers_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     ours = SD3Pipeline.load(model, dtype=dtype, device=device, t5_tokens=t5_tokens)
     ref = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype).to(device)
     ref.set_progress_bar_config(disable=True)
