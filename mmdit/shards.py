@@ -1,0 +1,323 @@
+"""Precomputed-embedding shards: the schema (defined here once), the writer and the training loader.
+
+A shard is a plain tar in webdataset's layout: the members of one sample share a key (the name up to the first
+dot) and lie next to each other. Per sample (schema version 1, documented in data/README.md):
+
+    KEY.json                      record: key, captions, original size, crop box, bucket, identities, dtype
+    KEY.latent.npy                VAE latent (16, h, w), SD3-normalised
+    KEY.vN.clip_l.npy             CLIP-L penultimate states (77, 768)      for each caption variant N = 0, 1, ...
+    KEY.vN.clip_l_pooled.npy      CLIP-L pooled (768)
+    KEY.vN.clip_g.npy             CLIP-G penultimate states (77, 1280)
+    KEY.vN.clip_g_pooled.npy      CLIP-G pooled (1280)
+    KEY.vN.t5.npy                 T5 states (L, 4096)                      (absent when precomputed without T5)
+
+Tensors are little-endian .npy arrays in float16, or bfloat16 stored as its uint16 bit pattern (numpy has no
+bfloat16; the record's "dtype" says which). Nothing is pickled. Each encoder is its own member so training can
+drop it on its own. Tar headers carry no time or owner, so the same input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TEXT_FIELDS = ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5")
+DTYPES = ("float16", "bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoding of one sample
+
+
+def to_array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor as the stored array: float16, or bfloat16 as uint16 bits."""
+    if dtype == "float16":
+        return tensor.detach().to(torch.float16).cpu().numpy()
+    if dtype == "bfloat16":
+        return tensor.detach().to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+    raise ValueError(f"unknown shard dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+
+
+def from_array(array: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")),
+                              allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(key: str, record: dict, latent: torch.Tensor, variants: list[dict[str, torch.Tensor]],
+                  dtype: str = "float16") -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in a fixed order. variants: per caption, {text field: tensor}."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} may not contain '.' or '/'")
+    record = {**record, "key": key, "dtype": dtype, "schema": SCHEMA_VERSION, "variants": len(variants)}
+    members = [(f"{key}.json", json.dumps(record, sort_keys=True).encode())]
+    members.append((f"{key}.latent.npy", _npy_bytes(to_array(latent, dtype))))
+    for n, variant in enumerate(variants):
+        for name in TEXT_FIELDS:
+            if name in variant:
+                members.append((f"{key}.v{n}.{name}.npy", _npy_bytes(to_array(variant[name], dtype))))
+    return members
+
+
+def decode_sample(members: dict[str, bytes]) -> dict:
+    """{extension: bytes} of one sample -> {"record", "latent", "variants": [{field: tensor}]}."""
+    record = json.loads(members["json"])
+    dtype = record["dtype"]
+
+    def load(ext):
+        return from_array(np.load(io.BytesIO(members[ext]), allow_pickle=False), dtype)
+
+    variants = []
+    for n in range(record["variants"]):
+        variants.append({name: load(f"v{n}.{name}.npy") for name in TEXT_FIELDS if f"v{n}.{name}.npy" in members})
+    return {"record": record, "latent": load("latent.npy"), "variants": variants}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name; `close()` renames it into place, so a shard that exists is whole."""
+
+    def __init__(self, path, dtype: str = "float16"):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown shard dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+        self.path, self.dtype, self.count = Path(path), dtype, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def write(self, key: str, record: dict, latent: torch.Tensor, variants: list[dict[str, torch.Tensor]]):
+        for name, data in encode_sample(key, record, latent, variants, self.dtype):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444  # no time or owner: reproducible bytes
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self):
+        self.tar.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self):
+        self.tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.close() if kind is None else self.abort()
+
+
+def write_manifest(folder, shards: dict[str, int], identities: dict, skipped: dict[str, int], extra: dict = None):
+    """manifest.json: shard names and sample counts, schema version, encoder / VAE identities, skipped inputs."""
+    manifest = {"schema": SCHEMA_VERSION, "shards": dict(sorted(shards.items())),
+                "samples": sum(shards.values()), "identities": identities, "skipped": skipped, **(extra or {})}
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return manifest
+
+
+def read_manifest(folder) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read shard manifest {path}: {e}") from None
+    if manifest.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema {manifest.get('schema')}, this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class ReadStats:
+    """What a reader skipped; corrupt data is counted and logged, never fatal."""
+
+    samples: int = 0
+    corrupt_samples: int = 0
+    corrupt_shards: int = 0
+    notes: list = field(default_factory=list)
+
+
+def read_shard(path, stats: ReadStats | None = None):
+    """Yield the decoded samples of one shard in order; a truncated or unreadable shard ends early with a
+    warning, and a sample missing a member or failing to decode is skipped with a warning."""
+    stats = stats if stats is not None else ReadStats()
+    current, members = None, {}
+
+    def flush():
+        if current is None:
+            return None
+        try:
+            sample = decode_sample(members)
+            stats.samples += 1
+            return sample
+        except (KeyError, ValueError, OSError) as e:
+            stats.corrupt_samples += 1
+            logger.warning("skipping sample %s of %s: %s", current, path, e)
+            return None
+
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = Path(info.name).name.partition(".")
+                if key != current:
+                    sample = flush()
+                    if sample is not None:
+                        yield sample
+                    current, members = key, {}
+                members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        stats.corrupt_shards += 1
+        logger.warning("shard %s is truncated or unreadable (%s); its remaining samples are skipped", path, e)
+        return  # the sample being read when the shard broke is incomplete: dropped
+    sample = flush()
+    if sample is not None:
+        yield sample
+
+
+def shard_list(source) -> list[str]:
+    """A folder with a manifest, a manifest file, or an explicit list of shard paths -> sorted shard paths."""
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source]
+    source = Path(source)
+    folder = source if source.is_dir() else source.parent
+    return [str(folder / name) for name in read_manifest(folder)["shards"]]
+
+
+@dataclass
+class Position:
+    """Where a loader stands: the epoch and how many samples this (rank, worker) stream has yielded in it."""
+
+    epoch: int = 0
+    samples: int = 0
+
+
+def sample_stream(shards: list[str], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, worker: int = 0,
+                  num_workers: int = 1, shuffle_buffer: int = 1000, resampled: bool = False,
+                  stats: ReadStats | None = None):
+    """The samples one (rank, worker) reads, in a deterministic order for (seed, epoch).
+
+    Not resampled: the shard list is shuffled with (seed, epoch) and dealt round-robin to the world_size *
+    num_workers streams, so together they read every shard, hence every sample, exactly once per epoch. Resampled:
+    each stream draws shards with replacement, forever (an epoch is then a count the caller chooses). Samples pass
+    through a shuffle buffer seeded by (seed, epoch, stream).
+    """
+    stream = rank * num_workers + worker
+    streams = world_size * num_workers
+    rng = random.Random(f"{seed}-{epoch}-{stream}")
+    if resampled:
+        shard_rng = random.Random(f"{seed}-{epoch}-{stream}-shards")
+        order = (shard_rng.choice(shards) for _ in iter(int, 1))
+    else:
+        order = list(shards)
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        order = order[stream::streams]
+    buffer = []
+    for shard in order:
+        for sample in read_shard(shard, stats):
+            if len(buffer) < shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def choose_variant(sample: dict, rng: random.Random, probs: list[float] | None = None) -> dict:
+    """One caption variant per sample: uniform (the paper's 50/50 for two) unless probs are given."""
+    n = len(sample["variants"])
+    weights = probs[:n] if probs else [1.0] * n
+    return sample["variants"][rng.choices(range(n), weights=weights)[0]]
+
+
+def bucket_batches(samples, batch_size: int, rng: random.Random, variant_probs=None, drop_last: bool = True):
+    """Batches whose latents share one shape (one bucket at a time): samples wait in their bucket until it holds
+    batch_size of them. Each batch: {"latent": (B, C, h, w), text fields: stacked, "keys": [...]}."""
+    buckets: dict[tuple, list] = {}
+    for sample in samples:
+        shape = tuple(sample["latent"].shape)
+        bucket = buckets.setdefault(shape, [])
+        bucket.append((sample["record"]["key"], sample["latent"], choose_variant(sample, rng, variant_probs)))
+        if len(bucket) == batch_size:
+            yield collate(bucket)
+            buckets[shape] = []
+    if not drop_last:
+        for bucket in buckets.values():
+            if bucket:
+                yield collate(bucket)
+
+
+def collate(items) -> dict:
+    keys, latents, variants = zip(*items)
+    batch = {"keys": list(keys), "latent": torch.stack(latents)}
+    for name in variants[0]:
+        batch[name] = torch.stack([v[name] for v in variants])
+    return batch
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Batches for one rank, for torch's DataLoader with batch_size=None (batches are formed per bucket here).
+
+    Resuming: a run that has consumed `batches_done` batches of this rank in `epoch` rebuilds the dataset with
+    skip_batches=batches_done; each worker skips its share (DataLoader takes workers' batches in turn), reading
+    the same deterministic stream up to there, so the next batch is the one the interrupted run would have seen.
+    In resampled mode that holds too: the draws are a function of (seed, epoch, rank, worker).
+    """
+
+    def __init__(self, source, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False,
+                 variant_probs: list[float] | None = None, skip_batches: int = 0):
+        super().__init__()
+        self.shards = shard_list(source)
+        if not self.shards:
+            raise ValueError(f"no shards in {source}")
+        self.batch_size, self.seed, self.epoch, self.rank, self.world_size = batch_size, seed, epoch, rank, world_size
+        self.shuffle_buffer, self.resampled, self.variant_probs = shuffle_buffer, resampled, variant_probs
+        self.skip_batches = skip_batches
+        self.stats = ReadStats()
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader takes batches from its workers in turn, starting with worker 0. After `skip_batches` the next
+        # batch belongs to stream skip_batches % num_workers, so worker w plays that stream shifted by w.
+        worker = (loader_worker + self.skip_batches) % num_workers
+        skip = (self.skip_batches - worker + num_workers - 1) // num_workers  # batches this stream already gave
+        samples = sample_stream(self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                                world_size=self.world_size, worker=worker, num_workers=num_workers,
+                                shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, stats=self.stats)
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}-variants")
+        for i, batch in enumerate(bucket_batches(samples, self.batch_size, rng, self.variant_probs)):
+            if i >= skip:
+                yield batch

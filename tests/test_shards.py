@@ -1,0 +1,156 @@
+"""The shard format, the writer and the loader: round trips, exact epoch coverage, determinism, corrupt data."""
+
+import io
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from mmdit import shards as S
+
+C, V = 16, 2
+
+
+def fake_sample(i, side=4, t5=True):
+    g = torch.Generator().manual_seed(i)
+    variants = []
+    for v in range(V):
+        variant = {"clip_l": torch.randn(5, 6, generator=g), "clip_l_pooled": torch.randn(6, generator=g),
+                   "clip_g": torch.randn(5, 7, generator=g), "clip_g_pooled": torch.randn(7, generator=g)}
+        if t5:
+            variant["t5"] = torch.randn(9, 13, generator=g)
+        variants.append(variant)
+    record = {"captions": [f"caption {i}", f"synthetic caption {i}"], "original_size": [64, 48]}
+    return f"{i:06d}", record, torch.randn(C, side, side, generator=g), variants
+
+
+def write_shards(folder, n_shards=6, per_shard=5, dtype="float16", sides=(4,)):
+    counts = {}
+    for s in range(n_shards):
+        name = f"{s:05d}.tar"
+        with S.ShardWriter(folder / name, dtype) as w:
+            for j in range(per_shard):
+                i = s * per_shard + j
+                key, record, latent, variants = fake_sample(i, side=sides[i % len(sides)])
+                w.write(key, record, latent, variants)
+        counts[name] = w.count
+    S.write_manifest(folder, counts, {"vae": "test"}, {"undecodable": 0})
+    return counts
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_round_trip(tmp_path, dtype):
+    write_shards(tmp_path, n_shards=1, per_shard=3, dtype=dtype)
+    samples = list(S.read_shard(tmp_path / "00000.tar"))
+    assert [s["record"]["key"] for s in samples] == ["000000", "000001", "000002"]
+    for i, s in enumerate(samples):
+        key, record, latent, variants = fake_sample(i)
+        torch_dtype = getattr(torch, dtype)
+        assert s["record"]["captions"] == record["captions"] and s["record"]["dtype"] == dtype
+        assert s["latent"].dtype == torch_dtype and torch.equal(s["latent"], latent.to(torch_dtype))
+        for ours, ref in zip(s["variants"], variants):
+            assert set(ours) == set(S.TEXT_FIELDS)
+            assert all(torch.equal(ours[k], ref[k].to(torch_dtype)) for k in ref)
+
+
+def test_shards_are_plain_webdataset_and_npy(tmp_path):
+    import webdataset as wds
+
+    write_shards(tmp_path, n_shards=1, per_shard=2)
+    samples = list(wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False))
+    assert len(samples) == 2 and "v1.t5.npy" in samples[0] and "latent.npy" in samples[0]
+    array = np.load(io.BytesIO(samples[0]["latent.npy"]), allow_pickle=False)
+    assert array.dtype == np.float16 and array.shape == (C, 4, 4)
+
+
+def test_writes_are_reproducible_and_atomic(tmp_path):
+    write_shards(tmp_path / "a", n_shards=1)
+    write_shards(tmp_path / "b", n_shards=1)
+    assert (tmp_path / "a" / "00000.tar").read_bytes() == (tmp_path / "b" / "00000.tar").read_bytes()
+    with pytest.raises(RuntimeError):
+        with S.ShardWriter(tmp_path / "c" / "00000.tar") as w:
+            w.write(*fake_sample(0))
+            raise RuntimeError("interrupted")
+    assert list((tmp_path / "c").iterdir()) == []  # no partial shard, no temporary left
+
+
+def keys_seen(folder, world_size, num_workers, seed=0, epoch=0):
+    shards = S.shard_list(folder)
+    per_stream = {}
+    for rank in range(world_size):
+        for worker in range(num_workers):
+            per_stream[(rank, worker)] = [s["record"]["key"] for s in S.sample_stream(
+                shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
+                num_workers=num_workers, shuffle_buffer=4)]
+    return per_stream
+
+
+def test_ranks_and_workers_see_every_sample_once_per_epoch(tmp_path):
+    write_shards(tmp_path, n_shards=8, per_shard=5)
+    seen = keys_seen(tmp_path, world_size=2, num_workers=2)
+    everything = [k for keys in seen.values() for k in keys]
+    assert sorted(everything) == [f"{i:06d}" for i in range(40)]   # all 40, none twice
+    by_rank = [set(seen[(0, 0)] + seen[(0, 1)]), set(seen[(1, 0)] + seen[(1, 1)])]
+    assert not by_rank[0] & by_rank[1]
+    shards_by_rank = [{int(k) // 5 for k in keys} for keys in by_rank]   # 5 samples per shard
+    assert not shards_by_rank[0] & shards_by_rank[1] and len(shards_by_rank[0]) == 4  # disjoint shards, 4 each
+    assert keys_seen(tmp_path, 2, 2) == seen                        # same seed, same order
+    other_epoch = keys_seen(tmp_path, 2, 2, epoch=1)
+    assert other_epoch != seen and sorted(k for v in other_epoch.values() for k in v) == sorted(everything)
+
+
+def test_resampled_streams_are_endless_and_deterministic(tmp_path):
+    write_shards(tmp_path, n_shards=2, per_shard=3)
+    take = lambda: [s["record"]["key"] for _, s in zip(range(20), S.sample_stream(
+        S.shard_list(tmp_path), seed=1, epoch=0, resampled=True, shuffle_buffer=2))]
+    first = take()
+    assert len(first) == 20 and first == take()
+
+
+def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
+    write_shards(tmp_path, n_shards=2, per_shard=4)
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2])
+    # In shard 0, replace sample 000001's latent with garbage bytes.
+    members = []
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        for info in tar:
+            payload = tar.extractfile(info).read()
+            members.append((info, b"not an npy file" if info.name == "000001.latent.npy" else payload))
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for info, payload in members:
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    stats = S.ReadStats()
+    keys = [s["record"]["key"] for shard in S.shard_list(tmp_path) for s in S.read_shard(shard, stats)]
+    assert "000001" not in keys and {"000000", "000002", "000003", "000004"} <= set(keys)
+    assert stats.corrupt_samples == 1 and stats.corrupt_shards == 1 and len(keys) < 8
+
+
+def test_bucket_batches_are_single_shape_and_variants_mix(tmp_path):
+    write_shards(tmp_path, n_shards=2, per_shard=12, sides=(4, 6))
+    dataset = S.ShardDataset(tmp_path, batch_size=3, seed=0, shuffle_buffer=5)
+    batches = list(dataset)
+    assert len(batches) == 8 and all(b["latent"].shape[0] == 3 for b in batches)
+    assert {tuple(b["latent"].shape[2:]) for b in batches} == {(4, 4), (6, 6)}
+    assert batches[0]["t5"].shape == (3, 9, 13) and batches[0]["clip_g_pooled"].shape == (3, 7)
+    # 50/50 caption variants: over many draws both appear about equally.
+    rng = random.Random(0)
+    sample = next(S.read_shard(tmp_path / "00000.tar"))
+    picks = [S.choose_variant(sample, rng) is sample["variants"][0] for _ in range(2000)]
+    assert abs(np.mean(picks) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_with_the_next_batch(tmp_path, num_workers):
+    write_shards(tmp_path, n_shards=4, per_shard=6)
+
+    def loader(skip):
+        dataset = S.ShardDataset(tmp_path, batch_size=2, seed=3, epoch=1, shuffle_buffer=4, skip_batches=skip)
+        return [b["keys"] for b in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)]
+
+    full = loader(0)
+    assert len(full) == 12
+    assert loader(5) == full[5:]
