@@ -80,7 +80,8 @@ class SD3Pipeline:
             if not vae_state:
                 raise CheckpointError(f"{path} holds no VAE (first_stage_model.*); accepted: {ACCEPTED_MODELS}")
             vae = vae_from_ldm_state(vae_state, dtype)
-            text = _single_file_text_encoders(path, no_t5, dtype, t5_tokens, t5_tokenizer, transformer)
+            text = _single_file_text_encoders(path, no_t5, dtype, t5_tokens, t5_tokenizer,
+                                              transformer.config.context_dim)
             shift = 3.0
         elif not path.exists():
             raise CheckpointError(f"model {path} does not exist; accepted: {ACCEPTED_MODELS}")
@@ -159,6 +160,22 @@ class SD3Pipeline:
         return ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def load_conditioning(path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32, t5_tokens: int = 77,
+                      t5_tokenizer: str | None = None) -> tuple[TextEncoders, VAE]:
+    """The text encoders and VAE of a model, without its MM-DiT: what precomputing training data needs."""
+    path = resolve_model(path, no_t5)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return (load_diffusers_text_encoders(path, no_t5=no_t5, dtype=dtype, t5_tokens=t5_tokens),
+                load_diffusers_vae(path, dtype))
+    if path.is_file() and path.suffix == ".safetensors":
+        vae_state = read_safetensors(path, VAE_PREFIX)[0]
+        if not vae_state:
+            raise CheckpointError(f"{path} holds no VAE (first_stage_model.*); accepted: {ACCEPTED_MODELS}")
+        return (_single_file_text_encoders(path, no_t5, dtype, t5_tokens, t5_tokenizer),
+                vae_from_ldm_state(vae_state, dtype))
+    raise CheckpointError(f"model {path} does not exist or is not a recognised layout; accepted: {ACCEPTED_MODELS}")
+
+
 def resolve_model(path, no_t5: bool = False) -> Path:
     """A local path as it is; an 'org/name' that is no local path as the hub's diffusers SD3 repository, fetched
     (or found in the cache) by huggingface_hub, without T5's files when no_t5."""
@@ -207,7 +224,7 @@ def _encoder_state(path: Path, role: str) -> dict:
 
 
 def _single_file_text_encoders(path: Path, no_t5: bool, dtype, t5_tokens: int, t5_tokenizer: str | None,
-                               transformer: MMDiT) -> TextEncoders:
+                               context_dim: int | None = None) -> TextEncoders:
     clip_tokenizer = clip_tokenizer_from_open_clip()
     encoders = {}
     for role in ("clip_l", "clip_g"):
@@ -225,8 +242,9 @@ def _single_file_text_encoders(path: Path, no_t5: bool, dtype, t5_tokens: int, t
         from transformers import AutoTokenizer
 
         t5 = t5_from_state(state, AutoTokenizer.from_pretrained(t5_tokenizer or T5_TOKENIZER_HUB_ID), dtype)
+    width = t5.width if t5 else context_dim or TextLayout().context_dim
     layout = TextLayout(clip_l_dim=encoders["clip_l"].width, clip_g_dim=encoders["clip_g"].width,
-                        context_dim=transformer.config.context_dim, t5_tokens=t5_tokens)
+                        context_dim=width, t5_tokens=t5_tokens)
     return TextEncoders(layout, encoders["clip_l"], encoders["clip_g"], t5)
 
 
