@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--t5-tokens", type=int, default=77)
     p.add_argument("--t5-tokenizer", help="for Stability single files: T5 tokenizer path or hub id")
     p.add_argument("--dtype", choices=S.DTYPES, default="float16", help="stored tensor type")
+    p.add_argument("--compact", action="store_true", help="T5 states as int8 + per-64-channel scales (~half size)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--samples-per-shard", type=int, default=1000, help="for --images")
     p.add_argument("--device", default=None)
@@ -131,7 +132,8 @@ def prepare(key, members, args, buckets, stats):
             pixels, box = resize_center_crop(im, *bucket)
     except Exception as e:  # PIL raises many kinds for a bad file
         return skip(stats, "undecodable_image", key, e)
-    stats["empty_captions_encoded"] = stats.get("empty_captions_encoded", 0) + sum(c == "" for c in captions)
+    if "" in captions:
+        stats["empty_captions_encoded"] = stats.get("empty_captions_encoded", 0) + captions.count("")
     record = {"captions": captions, "original_size": list(size), "crop_box": box, "bucket": list(bucket)}
     return key, pixels, record, captions
 
@@ -165,7 +167,7 @@ def encode_chunk(chunk, text, vae, device, no_t5):
 
 
 def process(samples, out_path, args, text, vae, device, buckets, identities, stats):
-    with S.ShardWriter(out_path, args.dtype) as writer:
+    with S.ShardWriter(out_path, args.dtype, args.compact) as writer:
         chunk = []
 
         def flush():
@@ -198,7 +200,7 @@ def identities_of(args, text, vae):
     return {"model": str(args.model), "vae": digest(vae.autoencoder), "clip_l": digest(text.clip_l.model),
             "clip_g": digest(text.clip_g.model), "t5": None if args.no_t5 else digest(text.t5.model),
             "t5_tokens": None if args.no_t5 else args.t5_tokens, "dtype": args.dtype,
-            "resolution": args.resolution, "buckets": args.buckets}
+            "resolution": args.resolution, "buckets": args.buckets, "compact": args.compact}
 
 
 def finalize(out, n_shards, identities):

@@ -15,10 +15,12 @@ import torch
 SIDE_MULTIPLE = 16
 
 
-def make_buckets(resolution: int, max_ratio: float = 2.0, step: int = 64) -> list[tuple[int, int]]:
-    """Buckets of about resolution^2 pixels, from 1:max_ratio to max_ratio:1, widths every `step` pixels."""
+def make_buckets(resolution: int, max_ratio: float = 2.0, step: int | None = None) -> list[tuple[int, int]]:
+    """Buckets of about resolution^2 pixels, from 1:max_ratio to max_ratio:1, widths every `step` pixels
+    (default a quarter of the resolution, in multiples of 16: 64 at 256)."""
     if resolution % SIDE_MULTIPLE:
         raise ValueError(f"resolution must be a multiple of {SIDE_MULTIPLE}, got {resolution}")
+    step = step or max(SIDE_MULTIPLE, resolution // 4 // SIDE_MULTIPLE * SIDE_MULTIPLE)
     buckets = {(resolution, resolution)}
     w = resolution
     while True:

@@ -10,6 +10,7 @@ dot) and lie next to each other. Per sample (schema version 1, documented in dat
     KEY.vN.clip_g.npy             CLIP-G penultimate states (77, 1280)
     KEY.vN.clip_g_pooled.npy      CLIP-G pooled (1280)
     KEY.vN.t5.npy                 T5 states (L, 4096)                      (absent when precomputed without T5)
+    KEY.vN.t5.q8.npy, .t5.scale.npy   instead, with --compact: int8 T5 states and float16 scales (L, 4096 / 64)
 
 Tensors are little-endian .npy arrays in float16, or bfloat16 stored as its uint16 bit pattern (numpy has no
 bfloat16; the record's "dtype" says which). Nothing is pickled. Each encoder is its own member so training can
@@ -63,9 +64,30 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def quantize_int8(x: torch.Tensor, group: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(L, D) -> int8 values (L, D) and float16 scales (L, D / group): absmax per token and group of channels, so
+    T5's few large channels do not flatten the rest."""
+    L, D = x.shape
+    group = group if D % group == 0 else D
+    g = x.detach().float().cpu().view(L, D // group, group)
+    scale = (g.abs().amax(-1) / 127).clamp(min=1e-12).to(torch.float16)
+    q = torch.round(g / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(L, D).numpy(), scale.numpy()
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    q, scale = torch.from_numpy(q), torch.from_numpy(scale)
+    L, D = q.shape
+    return (q.float().view(L, scale.shape[1], -1) * scale.float()[..., None]).view(L, D)
+
+
 def encode_sample(key: str, record: dict, latent: torch.Tensor, variants: list[dict[str, torch.Tensor]],
-                  dtype: str = "float16") -> list[tuple[str, bytes]]:
-    """The tar members of one sample, in a fixed order. variants: per caption, {text field: tensor}."""
+                  dtype: str = "float16", compact: bool = False) -> list[tuple[str, bytes]]:
+    """The tar members of one sample, in a fixed order. variants: per caption, {text field: tensor}.
+
+    compact stores T5's states as int8 with float16 scales per token and 64 channels (t5.q8.npy + t5.scale.npy):
+    about half the bytes of a sample at 77 tokens, at an error documented in data/README.md.
+    """
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} may not contain '.' or '/'")
     record = {**record, "key": key, "dtype": dtype, "schema": SCHEMA_VERSION, "variants": len(variants)}
@@ -73,7 +95,12 @@ def encode_sample(key: str, record: dict, latent: torch.Tensor, variants: list[d
     members.append((f"{key}.latent.npy", _npy_bytes(to_array(latent, dtype))))
     for n, variant in enumerate(variants):
         for name in TEXT_FIELDS:
-            if name in variant:
+            if name not in variant:
+                continue
+            if name == "t5" and compact:
+                q, scale = quantize_int8(variant[name])
+                members += [(f"{key}.v{n}.t5.q8.npy", _npy_bytes(q)), (f"{key}.v{n}.t5.scale.npy", _npy_bytes(scale))]
+            else:
                 members.append((f"{key}.v{n}.{name}.npy", _npy_bytes(to_array(variant[name], dtype))))
     return members
 
@@ -88,7 +115,12 @@ def decode_sample(members: dict[str, bytes]) -> dict:
 
     variants = []
     for n in range(record["variants"]):
-        variants.append({name: load(f"v{n}.{name}.npy") for name in TEXT_FIELDS if f"v{n}.{name}.npy" in members})
+        variant = {name: load(f"v{n}.{name}.npy") for name in TEXT_FIELDS if f"v{n}.{name}.npy" in members}
+        if f"v{n}.t5.q8.npy" in members:
+            q, scale = (np.load(io.BytesIO(members[f"v{n}.t5.{part}.npy"]), allow_pickle=False)
+                        for part in ("q8", "scale"))
+            variant["t5"] = dequantize_int8(q, scale).to(getattr(torch, dtype))
+        variants.append(variant)
     return {"record": record, "latent": load("latent.npy"), "variants": variants}
 
 
@@ -99,16 +131,16 @@ def decode_sample(members: dict[str, bytes]) -> dict:
 class ShardWriter:
     """Writes one shard under a temporary name; `close()` renames it into place, so a shard that exists is whole."""
 
-    def __init__(self, path, dtype: str = "float16"):
+    def __init__(self, path, dtype: str = "float16", compact: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"unknown shard dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
-        self.path, self.dtype, self.count = Path(path), dtype, 0
+        self.path, self.dtype, self.compact, self.count = Path(path), dtype, compact, 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
 
     def write(self, key: str, record: dict, latent: torch.Tensor, variants: list[dict[str, torch.Tensor]]):
-        for name, data in encode_sample(key, record, latent, variants, self.dtype):
+        for name, data in encode_sample(key, record, latent, variants, self.dtype, self.compact):
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o444  # no time or owner: reproducible bytes
             self.tar.addfile(info, io.BytesIO(data))

@@ -43,3 +43,10 @@ def test_sampling_bench_sides_make_the_same_images(tiny_pipeline):
     ours, theirs = sides["ours"](), sides["diffusers"]()
     assert ours.shape == theirs.shape == (2, 32, 32, 3)
     assert abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+def test_data_bench_pieces(tmp_path):
+    from mmdit.bench.data import loader_rate, write_synthetic
+
+    size = write_synthetic(tmp_path, samples=6, per_shard=3, variants=1, compact=False)
+    assert size > 6 * 0.98e6 and loader_rate(tmp_path, batch_size=2) > 0

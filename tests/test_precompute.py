@@ -135,3 +135,22 @@ def test_interrupted_run_resumes_to_identical_shards(precomputed, tiny_pipeline,
     for name in ("00000.tar", "00001.tar"):
         assert (out / name).read_bytes() == (root / "out" / name).read_bytes()
     assert json.loads((out / "manifest.json").read_text()) == json.loads((root / "out" / "manifest.json").read_text())
+
+
+def test_image_folder_with_buckets(tiny_pipeline, tmp_path):
+    (tmp_path / "photos").mkdir()
+    lines = []
+    for i, size in enumerate([(128, 64), (64, 128), (64, 64)]):
+        (tmp_path / "photos" / f"{i}.png").write_bytes(png(i, size))
+        lines.append(json.dumps({"file": f"{i}.png", "caption": f"a picture {i}"}))
+    lines.append(json.dumps({"file": "missing.png", "caption": "gone"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    precompute.main(["--images", str(tmp_path / "photos"), "--captions", str(tmp_path / "captions.jsonl"),
+                     "--caption", "json:caption", "--model", str(tiny_pipeline), "--out", str(tmp_path / "out"),
+                     "--resolution", "64", "--buckets", "--no-t5", "--samples-per-shard", "2", "--device", "cpu"])
+    manifest = S.read_manifest(tmp_path / "out")
+    assert manifest["samples"] == 3 and manifest["skipped"] == {"missing_image": 1} and len(manifest["shards"]) == 2
+    samples = [s for name in manifest["shards"] for s in S.read_shard(tmp_path / "out" / name)]
+    shapes = {s["record"]["key"]: tuple(s["latent"].shape[1:]) for s in samples}
+    assert shapes == {"000000000": (6, 12), "000000001": (12, 6), "000000002": (8, 8)}  # 96x48, 48x96, 64x64
+    assert all("t5" not in v for s in samples for v in s["variants"])

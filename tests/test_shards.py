@@ -154,3 +154,37 @@ def test_resume_continues_with_the_next_batch(tmp_path, num_workers):
     full = loader(0)
     assert len(full) == 12
     assert loader(5) == full[5:]
+
+
+def test_compact_t5_is_smaller_and_close(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t5 = torch.randn(77, 256, generator=g)
+    t5[:, 7] *= 40  # an outlier channel, as T5-XXL has
+    variants = [{"clip_l": torch.randn(5, 6), "clip_l_pooled": torch.randn(6), "clip_g": torch.randn(5, 7),
+                 "clip_g_pooled": torch.randn(7), "t5": t5}]
+    sizes = {}
+    for compact in (False, True):
+        with S.ShardWriter(tmp_path / f"{compact}.tar", compact=compact) as w:
+            w.write("000000", {}, torch.randn(16, 4, 4), variants)
+        sizes[compact] = (tmp_path / f"{compact}.tar").stat().st_size
+        back = next(S.read_shard(tmp_path / f"{compact}.tar"))["variants"][0]["t5"].float()
+        rel = ((back - t5).norm() / t5.norm()).item()
+        assert rel < (1e-3 if not compact else 2.5e-2)
+        # the outlier costs precision only in its own group of 64 channels: the scales are per group
+        assert ((back[:, 64:] - t5[:, 64:]).norm() / t5[:, 64:].norm()).item() < (1e-3 if not compact else 1e-2)
+    assert sizes[True] < 0.65 * sizes[False]
+
+
+def test_buckets_and_crop():
+    from PIL import Image
+
+    from mmdit.images import make_buckets, nearest_bucket, resize_center_crop
+
+    buckets = make_buckets(256)
+    assert (256, 256) in buckets and all(w % 16 == 0 and h % 16 == 0 for w, h in buckets)
+    assert all(0.5 <= w / h <= 2 for w, h in buckets) and all(abs(w * h / 256**2 - 1) < 0.15 for w, h in buckets)
+    assert nearest_bucket(1600, 900, buckets)[0] > nearest_bucket(1600, 900, buckets)[1]
+    image = Image.new("RGB", (300, 100), (255, 0, 0))
+    pixels, box = resize_center_crop(image, 64, 64)
+    assert pixels.shape == (3, 64, 64) and box == [100.0, 0.0, 200.0, 100.0]
+    assert torch.allclose(pixels[0], torch.ones(64, 64)) and torch.allclose(pixels[1], -torch.ones(64, 64))

@@ -2,7 +2,7 @@
 
 import argparse
 
-from mmdit.bench import model, sample
+from mmdit.bench import data, model, sample
 
 
 def main(argv=None):
@@ -10,6 +10,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="what", required=True)
     model.add_arguments(sub.add_parser("model", help=model.__doc__.splitlines()[0]))
     sample.add_arguments(sub.add_parser("sample", help=sample.__doc__.splitlines()[0]))
+    data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     args.run(args)
 
