@@ -154,3 +154,20 @@ def test_image_folder_with_buckets(tiny_pipeline, tmp_path):
     shapes = {s["record"]["key"]: tuple(s["latent"].shape[1:]) for s in samples}
     assert shapes == {"000000000": (6, 12), "000000001": (12, 6), "000000002": (8, 8)}  # 96x48, 48x96, 64x64
     assert all("t5" not in v for s in samples for v in s["variants"])
+
+
+def test_two_processes_split_the_inputs_and_the_last_writes_the_manifest(precomputed, tiny_pipeline, tmp_path,
+                                                                          monkeypatch):
+    """As under accelerate launch: each process takes every other input shard; together they make the same
+    shards as one process, and the manifest appears once both are done."""
+    root, inputs = precomputed
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    run(inputs, tiny_pipeline, out)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00001.tar"] and not (out / "manifest.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    run(inputs, tiny_pipeline, out)
+    for name in ("00000.tar", "00001.tar"):
+        assert (out / name).read_bytes() == (root / "out" / name).read_bytes()
+    assert S.read_manifest(out)["samples"] == S.read_manifest(root / "out")["samples"]
