@@ -7,6 +7,7 @@ depth heads of 64. Only `mmdit.checkpoint` infers a config from tensor shapes.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 
@@ -125,17 +126,177 @@ class TextLayout:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Rectified-flow training and sampling settings (see mmdit.flow)."""
+    """Rectified-flow training settings (see mmdit.flow). Sampling defaults live with sample.py's options."""
 
-    timestep_sampling: str = "lognorm"   # uniform | lognorm | mode | cosmap
+    timestep_sampling: str = "lognorm"   # uniform | lognorm | mode | cosmap: the paper's default is lognorm(0, 1)
     lognorm_mean: float = 0.0
     lognorm_std: float = 1.0
     mode_scale: float = 1.29
     train_shift: float = 1.0             # resolution shift applied to training sigmas; 1.0 = none
     loss_weighting: str = "none"         # none | sigma_sqrt | cosmap
-    sample_shift: float = 3.0            # the public SD3 / SD3.5 models use 3.0
-    sample_steps: int = 28
-    guidance_scale: float = 7.0
 
 
-__all__ = ["MMDiTConfig", "TextLayout", "FlowConfig", "MODEL_PRESETS", "model_preset", "paper_depth"]
+# Names accepted by the recipe (mmdit.flow implements them and checks them again).
+TIMESTEP_SAMPLERS = ("uniform", "lognorm", "mode", "cosmap")
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "d24"                  # a name in MODEL_PRESETS
+    overrides: dict = dataclasses.field(default_factory=dict)   # MMDiTConfig fields that differ from the preset
+    init_from: str | None = None         # a checkpoint in any format load_mmdit reads; None = from scratch
+    activation_checkpointing: bool = False
+
+    def build_config(self) -> MMDiTConfig:
+        try:
+            return dataclasses.replace(model_preset(self.preset), **self.overrides)
+        except TypeError:
+            known = [f.name for f in dataclasses.fields(MMDiTConfig)]
+            bad = sorted(set(self.overrides) - set(known))
+            raise ValueError(f"unknown model override {bad[:1]}; accepted: {', '.join(known)}") from None
+
+
+@dataclass(frozen=True)
+class DataSection:
+    shards: str = ""                     # a shard folder with manifest.json, or a manifest path
+    val_shards: str = ""                 # held-out shards for the validation loss ("" = none)
+    batch_size: int = 32                 # per rank and micro-step
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = False              # endless shard resampling (multi-node) instead of exact epochs
+    caption_variant_probs: tuple[float, ...] = (0.5, 0.5)   # the paper's original / synthetic caption mix
+
+
+@dataclass(frozen=True)
+class TextSection:
+    # Each encoder is dropped independently (its part of the conditioning becomes zeros), as in the SD3 paper.
+    drop_clip_l: float = 0.463
+    drop_clip_g: float = 0.463
+    drop_t5: float = 0.463
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 1000             # linear warm-up, then constant (the paper's schedule)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 100_000
+    seed: int = 0
+    precision: str = "bf16"              # bf16 | fp32 (mixed precision keeps fp32 master weights)
+    ema_decay: float = 0.9999
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    val_every: int = 1000
+    val_sigmas: int = 8                  # evenly spaced validation noise levels
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 10              # consecutive non-finite losses before the run stops
+    deepspeed: str = "configs/deepspeed/zero2.json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A training recipe: YAML files hold only what differs from these defaults."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    text: TextSection = TextSection()
+    flow: FlowConfig = FlowConfig()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+
+
+def _coerce(value, annotation: str, where: str):
+    """value checked against a field's annotation (as written in this file); ints widen to floats."""
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict}
+    base = annotation.replace(" | None", "")
+    if value is None and "None" in annotation:
+        return None
+    if base.startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+            raise ValueError(f"{where}: expected a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    expected = kinds[base]
+    if base == "float" and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, expected):
+        raise ValueError(f"{where}: expected {base}, got {type(value).__name__} {value!r}")
+    return float(value) if base == "float" else value
+
+
+def config_from_dict(d: dict) -> Config:
+    """A Config from nested dicts; unknown sections or keys and wrong types fail with one line naming them."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        given = d.get(section.name, {}) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"config section {section.name!r} must be a mapping, got {given!r}")
+        cls = section.default.__class__
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config key {section.name}.{unknown[0]}; accepted in {section.name}: "
+                             f"{', '.join(fields)}")
+        sections[section.name] = cls(**{k: _coerce(v, fields[k].type, f"{section.name}.{k}")
+                                        for k, v in given.items()})
+    unknown = sorted(set(d) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section {unknown[0]!r}; accepted: {', '.join(sections)}")
+    config = Config(**sections)
+    config.model.build_config()  # a bad preset or model override fails here, before any compute
+    choices = [("flow.timestep_sampling", config.flow.timestep_sampling, TIMESTEP_SAMPLERS),
+               ("flow.loss_weighting", config.flow.loss_weighting, LOSS_WEIGHTINGS),
+               ("train.precision", config.train.precision, PRECISIONS)]
+    for where, value, accepted in choices:
+        if value not in accepted:
+            raise ValueError(f"{where} {value!r} is not one of {', '.join(accepted)}")
+    for name in ("drop_clip_l", "drop_clip_g", "drop_t5"):
+        if not 0 <= getattr(config.text, name) <= 1:
+            raise ValueError(f"text.{name} must lie in [0, 1], got {getattr(config.text, name)}")
+    return config
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """A YAML recipe (or the defaults) with `section.key=value` overrides (values parsed as YAML)."""
+    import yaml
+
+    d = {}
+    if path:
+        try:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ValueError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
+        section, name = key.split(".", 1)
+        d.setdefault(section, {})
+        if isinstance(d[section], dict):
+            d[section][name] = yaml.safe_load(value)
+    return config_from_dict(d)
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain data for saving beside checkpoints (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+__all__ = ["MMDiTConfig", "TextLayout", "FlowConfig", "Config", "load_config", "config_to_dict", "MODEL_PRESETS",
+           "model_preset", "paper_depth"]
