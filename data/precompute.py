@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     p.add_argument("--resolution", type=int, default=256, help="square target side, or the bucket area's side")
     p.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of about resolution^2 pixels")
-    p.add_argument("--caption", default="txt", help="first caption: 'txt' or 'json:FIELD' (default txt)")
+    p.add_argument("--caption", help="first caption: 'txt' or 'json:FIELD' (default: txt for tars, "
+                   "json:caption for --images)")
     p.add_argument("--second-caption", help="a second caption variant, e.g. json:caption_synthetic")
     p.add_argument("--no-t5", action="store_true", help="store no T5 states")
     p.add_argument("--t5-tokens", type=int, default=77)
@@ -86,9 +87,12 @@ def folder_blocks(folder, captions_file, per_shard):
         if line.strip():
             try:
                 entry = json.loads(line)
-                entries.append(entry)
             except ValueError:
-                log.warning("captions line %d is not JSON: skipped", n)
+                entry = None
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                log.warning("captions line %d is not a JSON object: skipped", n)
     blocks = []
     for start in range(0, len(entries), per_shard):
         block = []
@@ -106,9 +110,10 @@ def caption_of(members, spec):
         return members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
     field = spec.split(":", 1)[1]
     try:
-        value = json.loads(members["json"]).get(field) if "json" in members else None
+        record = json.loads(members["json"]) if "json" in members else None
     except ValueError:
         return None
+    value = record.get(field) if isinstance(record, dict) else None
     return None if value is None else str(value).strip()
 
 
@@ -167,6 +172,7 @@ def encode_chunk(chunk, text, vae, device, no_t5):
 
 
 def process(samples, out_path, args, text, vae, device, buckets, identities, stats):
+    """Write one output shard from its input samples, then its .stats.json (counts, skips, the settings)."""
     with S.ShardWriter(out_path, args.dtype, args.compact) as writer:
         chunk = []
 
@@ -186,7 +192,8 @@ def process(samples, out_path, args, text, vae, device, buckets, identities, sta
         flush()
     stats_path = out_path.with_name(out_path.name.replace(".tar", ".stats.json"))
     tmp = stats_path.with_name("." + stats_path.name + ".tmp")
-    tmp.write_text(json.dumps({"samples": writer.count, "skipped": stats}, sort_keys=True))
+    tmp.write_text(json.dumps({"samples": writer.count, "skipped": stats, "identities": identities},
+                              sort_keys=True))
     os.replace(tmp, stats_path)
     return writer.count, stats
 
@@ -201,6 +208,16 @@ def identities_of(args, text, vae):
             "clip_g": digest(text.clip_g.model), "t5": None if args.no_t5 else digest(text.t5.model),
             "t5_tokens": None if args.no_t5 else args.t5_tokens, "dtype": args.dtype,
             "resolution": args.resolution, "buckets": args.buckets, "compact": args.compact}
+
+
+def check_settings(out: Path, identities: dict):
+    """A rerun into a folder holding shards made with other settings would mix them: refuse, naming one."""
+    for stats_file in sorted(out.glob("*.stats.json")):
+        earlier = json.loads(stats_file.read_text()).get("identities", {})
+        if earlier != identities:
+            key = next(k for k in sorted(set(earlier) | set(identities)) if earlier.get(k) != identities.get(k))
+            sys.exit(f"precompute.py: error: {out} holds shards made with other settings ({key}: "
+                     f"{earlier.get(key)!r} then, {identities.get(key)!r} now); use another --out or remove them")
 
 
 def finalize(out, n_shards, identities):
@@ -220,6 +237,7 @@ def finalize(out, n_shards, identities):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.caption = args.caption or ("json:caption" if args.images else "txt")
     if args.images and not args.captions:
         sys.exit("precompute.py: error: --images needs --captions (a JSONL file)")
     for spec in filter(None, [args.caption, args.second_caption]):
@@ -253,6 +271,7 @@ def main(argv=None):
     identities = identities_of(args, text, vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, identities)
     mine = list(range(rank, len(inputs), world))
     for i in tqdm(mine, desc=f"rank {rank}: shards", disable=None):
         target = out / f"{i:05d}.tar"
@@ -263,6 +282,9 @@ def main(argv=None):
         count, skipped = process(samples, target, args, text, vae, device, buckets, identities, stats)
         log.info("shard %05d: %d samples, skipped %s", i, count, skipped or "none")
     manifest = finalize(out, len(inputs), identities)
+    if manifest and manifest["samples"] == 0:
+        sys.exit(f"precompute.py: error: no input sample had an image and its captions (skipped: "
+                 f"{manifest['skipped']}); check --caption / --second-caption")
     if manifest:
         log.info("manifest: %d samples in %d shards, skipped %s", manifest["samples"], len(manifest["shards"]),
                  manifest["skipped"] or "none")

@@ -113,8 +113,17 @@ def decode_sample(members: dict[str, bytes]) -> dict:
     def load(ext):
         return from_array(np.load(io.BytesIO(members[ext]), allow_pickle=False), dtype)
 
+    if not isinstance(record, dict):
+        raise ValueError("the record is not a JSON object")
+    with_t5 = any(k.endswith((".t5.npy", ".t5.q8.npy")) for k in members)
     variants = []
     for n in range(record["variants"]):
+        wanted = [f"v{n}.{name}.npy" for name in TEXT_FIELDS if name != "t5"]
+        if with_t5:
+            wanted.append(f"v{n}.t5.npy" if f"v{n}.t5.npy" in members else f"v{n}.t5.q8.npy")
+        missing = [w for w in wanted if w not in members]
+        if missing:
+            raise ValueError(f"member {missing[0]} is missing")
         variant = {name: load(f"v{n}.{name}.npy") for name in TEXT_FIELDS if f"v{n}.{name}.npy" in members}
         if f"v{n}.t5.q8.npy" in members:
             q, scale = (np.load(io.BytesIO(members[f"v{n}.t5.{part}.npy"]), allow_pickle=False)
@@ -166,7 +175,7 @@ def write_manifest(folder, shards: dict[str, int], identities: dict, skipped: di
     manifest = {"schema": SCHEMA_VERSION, "shards": dict(sorted(shards.items())),
                 "samples": sum(shards.values()), "identities": identities, "skipped": skipped, **(extra or {})}
     path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")  # processes may finish together
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return manifest
@@ -210,7 +219,7 @@ def read_shard(path, stats: ReadStats | None = None):
             sample = decode_sample(members)
             stats.samples += 1
             return sample
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
             stats.corrupt_samples += 1
             logger.warning("skipping sample %s of %s: %s", current, path, e)
             return None
@@ -227,6 +236,9 @@ def read_shard(path, stats: ReadStats | None = None):
                         yield sample
                     current, members = key, {}
                 members[ext] = tar.extractfile(info).read()
+            # tarfile stops quietly when a file is cut at a header: a whole tar ends with two zero blocks.
+            if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive marker")
     except (tarfile.TarError, OSError, EOFError) as e:
         stats.corrupt_shards += 1
         logger.warning("shard %s is truncated or unreadable (%s); its remaining samples are skipped", path, e)
@@ -321,10 +333,15 @@ def collate(items) -> dict:
 class ShardDataset(torch.utils.data.IterableDataset):
     """Batches for one rank, for torch's DataLoader with batch_size=None (batches are formed per bucket here).
 
+    Per epoch every sample is read once; the incomplete last batch of each bucket in each (rank, worker) stream
+    is dropped (fewer than batch_size samples per bucket and stream).
+
     Resuming: a run that has consumed `batches_done` batches of this rank in `epoch` rebuilds the dataset with
     skip_batches=batches_done; each worker skips its share (DataLoader takes workers' batches in turn), reading
     the same deterministic stream up to there, so the next batch is the one the interrupted run would have seen.
-    In resampled mode that holds too: the draws are a function of (seed, epoch, rank, worker).
+    This is exact with num_workers <= 1, and in resampled mode (endless streams) with any number of workers. In
+    epoch mode with several workers it is exact until the first worker's stream ends; after that DataLoader's
+    turn-taking depends on which workers are left, so resume at an epoch boundary or use resampled mode there.
     """
 
     def __init__(self, source, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0,
@@ -344,6 +361,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # DataLoader takes batches from its workers in turn, starting with worker 0. After `skip_batches` the next
         # batch belongs to stream skip_batches % num_workers, so worker w plays that stream shifted by w.
+        if self.skip_batches and num_workers > 1 and not self.resampled:
+            logger.warning("resuming mid-epoch with %d workers: exact until the first worker's stream ends "
+                           "(see ShardDataset)", num_workers)
         worker = (loader_worker + self.skip_batches) % num_workers
         skip = (self.skip_batches - worker + num_workers - 1) // num_workers  # batches this stream already gave
         samples = sample_stream(self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,

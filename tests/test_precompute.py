@@ -145,8 +145,10 @@ def test_image_folder_with_buckets(tiny_pipeline, tmp_path):
         lines.append(json.dumps({"file": f"{i}.png", "caption": f"a picture {i}"}))
     lines.append(json.dumps({"file": "missing.png", "caption": "gone"}))
     (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    lines.append("[1, 2]")                                   # not an object: skipped, the run goes on
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
     precompute.main(["--images", str(tmp_path / "photos"), "--captions", str(tmp_path / "captions.jsonl"),
-                     "--caption", "json:caption", "--model", str(tiny_pipeline), "--out", str(tmp_path / "out"),
+                     "--model", str(tiny_pipeline), "--out", str(tmp_path / "out"),
                      "--resolution", "64", "--buckets", "--no-t5", "--samples-per-shard", "2", "--device", "cpu"])
     manifest = S.read_manifest(tmp_path / "out")
     assert manifest["samples"] == 3 and manifest["skipped"] == {"missing_image": 1} and len(manifest["shards"]) == 2
@@ -171,3 +173,14 @@ def test_two_processes_split_the_inputs_and_the_last_writes_the_manifest(precomp
     for name in ("00000.tar", "00001.tar"):
         assert (out / name).read_bytes() == (root / "out" / name).read_bytes()
     assert S.read_manifest(out)["samples"] == S.read_manifest(root / "out")["samples"]
+
+
+def test_rerun_with_other_settings_is_refused(precomputed, tiny_pipeline, tmp_path, capsys):
+    root, inputs = precomputed
+    out = tmp_path / "out"
+    run(inputs[:1], tiny_pipeline, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as err:
+        run(inputs, tiny_pipeline, out, "--no-t5")
+    assert "other settings (t5:" in str(err.value.code)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # nothing touched

@@ -188,3 +188,23 @@ def test_buckets_and_crop():
     pixels, box = resize_center_crop(image, 64, 64)
     assert pixels.shape == (3, 64, 64) and box == [100.0, 0.0, 200.0, 100.0]
     assert torch.allclose(pixels[0], torch.ones(64, 64)) and torch.allclose(pixels[1], -torch.ones(64, 64))
+
+
+def test_shard_cut_at_a_member_boundary_is_detected(tmp_path):
+    """tarfile ends quietly at a cut that falls on a header; the missing end-of-archive marker gives it away,
+    and the half-written last sample is not passed on."""
+    write_shards(tmp_path, n_shards=1, per_shard=3)
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        cut = next(i.offset for i in tar.getmembers() if i.name == "000002.v0.clip_g.npy")
+    data = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(data[:cut])
+    stats = S.ReadStats()
+    keys = [s["record"]["key"] for s in S.read_shard(tmp_path / "00000.tar", stats)]
+    assert keys == ["000000", "000001"] and stats.corrupt_shards == 1
+
+
+def test_sample_missing_a_text_member_is_rejected():
+    members = dict((name.split(".", 1)[1], data) for name, data in S.encode_sample("k", {}, *fake_sample(0)[2:]))
+    del members["v1.clip_g.npy"]
+    with pytest.raises(ValueError, match="v1.clip_g.npy is missing"):
+        S.decode_sample(members)
