@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--t5-tokenizer", default=None, help="for Stability single files: T5 tokenizer path or hub id")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in little memory")
     p.add_argument("--clip-g", help="replace CLIP-G: a safetensors file in transformers' or open_clip's layout")
-    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.ckpt weights (loaded weights-only)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle (.bin) weights in a diffusers directory (loaded weights-only)")
     p.add_argument("--out", required=True, help="a .png file, or a directory for several images")
     return p.parse_args(argv)
 
@@ -59,6 +60,8 @@ def read_prompts(args) -> list[str]:
             prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         except OSError as e:
             fail(f"cannot read --prompts-file {args.prompts_file}: {e.strerror}")
+        except UnicodeDecodeError:
+            fail(f"--prompts-file {args.prompts_file} is not UTF-8 text")
     if not prompts:
         fail("no prompt: give --prompt TEXT or --prompts-file FILE")
     return prompts
@@ -73,6 +76,8 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 def check_writable(path: Path):
     """Fail before any work if the images could not be written; create nothing."""
+    if path.is_dir():
+        fail(f"cannot write --out {path}: it is a directory (give a .png file, or a folder without .png)")
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
@@ -93,6 +98,9 @@ def write_png(image, path: Path, info: dict):
     os.close(fd)
     try:
         Image.fromarray(image).save(tmp, format="PNG", pnginfo=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; an image is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -105,6 +113,10 @@ def main(argv=None):
     for name in ("steps", "batch_size", "num_images", "max_sequence_length"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.shift is not None and args.shift <= 0:
+        fail(f"--shift must be > 0, got {args.shift}")
+    if not 0 <= args.seed < 2**63 - 2**32:
+        fail(f"--seed must lie in [0, 2^63 - 2^32), got {args.seed}")
     if args.width % 16 or args.height % 16 or args.width <= 0 or args.height <= 0:
         fail(f"--width and --height must be positive multiples of 16 (the VAE's 8 x the patch size 2), "
              f"got {args.width}x{args.height}")
@@ -124,7 +136,12 @@ def main(argv=None):
     from mmdit.checkpoint import CheckpointError
     from mmdit.pipeline import SD3Pipeline, Settings, settings_record
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        fail(f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda asked for, but no CUDA device is available")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")])
     try:
         pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
@@ -135,6 +152,9 @@ def main(argv=None):
                             width=args.width, height=args.height, negative_prompt=args.negative_prompt,
                             slg_layers=tuple(args.slg_layers), slg_scale=args.slg_scale)
         pipe.check_size(args.width, args.height)
+        bad_layers = [i for i in args.slg_layers if not 0 <= i < pipe.transformer.config.depth]
+        if bad_layers:
+            raise ValueError(f"--slg-layers {bad_layers} lie outside blocks 0..{pipe.transformer.config.depth - 1}")
         pipe.vae.memory_saving(slicing=True, tiling=args.vae_tiling)
     except (CheckpointError, ValueError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -144,7 +164,10 @@ def main(argv=None):
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         bar = lambda steps: tqdm(steps, desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}", leave=False)
-        images = pipe.generate([p for p, _ in batch], [s for _, s in batch], settings, progress=bar)
+        try:
+            images = pipe.generate([p for p, _ in batch], [s for _, s in batch], settings, progress=bar)
+        except (ValueError, RuntimeError) as e:  # e.g. out of memory: the images already written stay whole
+            fail(f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         for (prompt, seed), image, path in zip(batch, images, paths[start:start + len(batch)]):
             write_png(image, path, {"prompt": prompt, "seed": seed, **record})
             print(path)

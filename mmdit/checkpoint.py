@@ -207,10 +207,21 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _read_diffusers_dir(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    def read_json(file: Path) -> dict:
+        try:
+            value = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is not readable JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{file} does not hold a JSON object")
+        return value
+
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
     if (path / DIFFUSERS_INDEX).is_file():
-        files = sorted(set(json.loads((path / DIFFUSERS_INDEX).read_text())["weight_map"].values()))
+        weight_map = read_json(path / DIFFUSERS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path / DIFFUSERS_INDEX} has no weight_map")
+        files = sorted(set(weight_map.values()))
         state = {}
         for name in files:
             state.update(read_safetensors(path / name, prefix="")[0])
@@ -322,12 +333,20 @@ def diffusers_config(config: MMDiTConfig) -> dict:
     }
 
 
+def _default_mode(directory: bool = False) -> int:
+    """The permissions an ordinary new file (or folder) gets under the process umask; mkstemp's are owner-only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -354,6 +373,7 @@ def save_mmdit(model: MMDiT, path: str | os.PathLike, format: str = "native"):
             save_file({k: v.detach().contiguous().cpu() for k, v in to_diffusers(state, model.config).items()},
                       tmp / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            os.chmod(tmp, _default_mode(directory=True))
             old = path.with_name(f".{path.name}.old")
             if path.exists():
                 os.replace(path, old)

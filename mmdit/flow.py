@@ -168,7 +168,8 @@ def guided_velocity(model: Callable[..., torch.Tensor], cond: dict, uncond: dict
     """Classifier-free guidance v = v_u + scale (v_c - v_u), both passes in one batch ([uncond, cond], as diffusers).
 
     model(x, sigma, **conditioning, skip_layers=()) -> velocity; cond and uncond are dicts of batch-first tensors.
-    As in diffusers, guidance runs only for scale > 1; otherwise the conditional pass alone is used.
+    As in diffusers, guidance runs only for scale > 1 (otherwise the conditional pass alone is used), and
+    skip-layer guidance only together with it.
     """
     use_cfg = uncond is not None and scale > 1
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond} if use_cfg else None
@@ -179,7 +180,7 @@ def guided_velocity(model: Callable[..., torch.Tensor], cond: dict, uncond: dict
             v = v_uncond + scale * (v_cond - v_uncond)
         else:
             v = v_cond = model(x, sigma, **cond)
-        if slg is not None and slg.active(step, num_steps):
+        if use_cfg and slg is not None and slg.active(step, num_steps):  # as diffusers: only with CFG
             v = v + slg.scale * (v_cond - model(x, sigma, **cond, skip_layers=slg.layers))
         return v
 

@@ -69,9 +69,9 @@ class SD3Pipeline:
         path = resolve_model(path, no_t5)
         if path.is_dir() and (path / "model_index.json").is_file():
             transformer = load_mmdit(path, dtype=dtype, allow_pickle=allow_pickle)
-            vae = load_diffusers_vae(path, dtype)
+            vae = load_diffusers_vae(path, dtype, allow_pickle)
             text = load_diffusers_text_encoders(path, no_t5=no_t5, dtype=dtype, t5_tokens=t5_tokens,
-                                                context_dim=transformer.config.context_dim)
+                                                context_dim=transformer.config.context_dim, allow_pickle=allow_pickle)
             scheduler = path / "scheduler" / "scheduler_config.json"
             shift = json.loads(scheduler.read_text()).get("shift", 3.0) if scheduler.is_file() else 3.0
         elif path.is_file() and path.suffix == ".safetensors":
@@ -118,10 +118,14 @@ class SD3Pipeline:
         return self.transformer.context_embedder.weight.dtype
 
     def check_size(self, width: int, height: int):
-        multiple = self.vae.downsample * self.transformer.config.patch_size
+        cfg = self.transformer.config
+        multiple = self.vae.downsample * cfg.patch_size
         if width % multiple or height % multiple or width <= 0 or height <= 0:
             raise ValueError(f"width and height must be positive multiples of {multiple} for this model, "
                              f"got {width}x{height}")
+        largest = cfg.pos_embed_max_size * multiple
+        if width > largest or height > largest:
+            raise ValueError(f"{width}x{height} exceeds this model's position table: sides up to {largest} px")
 
     def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
         """diffusers' draw for a list of CPU generators: one (1, C, h, w) randn per seed, in the model dtype."""

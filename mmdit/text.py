@@ -312,7 +312,8 @@ def t5_from_state(state: dict, tokenizer, dtype: torch.dtype = torch.float32) ->
 
 
 def load_diffusers_text_encoders(path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32,
-                                 t5_tokens: int = 77, context_dim: int | None = None) -> TextEncoders:
+                                 t5_tokens: int = 77, context_dim: int | None = None,
+                                 allow_pickle: bool = False) -> TextEncoders:
     """The encoders of a diffusers SD3 pipeline directory (text_encoder*, tokenizer*). With no_t5, T5's weights
     are never read; context_dim (the transformer's) then sets the width of its zeros."""
     from pathlib import Path
@@ -322,7 +323,9 @@ def load_diffusers_text_encoders(path, *, no_t5: bool = False, dtype: torch.dtyp
     path = Path(path)
 
     def clip(sub, tok, role):
-        model = CLIPTextModelWithProjection.from_pretrained(path / sub, dtype=dtype).eval().requires_grad_(False)
+        model = CLIPTextModelWithProjection.from_pretrained(path / sub, dtype=dtype,
+                                                            use_safetensors=not allow_pickle or None)
+        model = model.eval().requires_grad_(False)
         return ClipEncoder(model, CLIPTokenizer.from_pretrained(path / tok), pad_id=CLIP_EOS if role == "clip_l"
                            else 0, project_pooled=role == "clip_g", name=role.upper())
 
@@ -331,8 +334,9 @@ def load_diffusers_text_encoders(path, *, no_t5: bool = False, dtype: torch.dtyp
     if not no_t5:
         if not (path / "text_encoder_3").is_dir():
             raise ValueError(f"{path} has no T5 encoder (text_encoder_3); run with --no-t5 to use zeros for it")
-        t5 = T5Encoder(T5EncoderModel.from_pretrained(path / "text_encoder_3", dtype=t5_dtype(dtype))
-                       .eval().requires_grad_(False), AutoTokenizer.from_pretrained(path / "tokenizer_3"))
+        model = T5EncoderModel.from_pretrained(path / "text_encoder_3", dtype=t5_dtype(dtype),
+                                               use_safetensors=not allow_pickle or None)
+        t5 = T5Encoder(model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(path / "tokenizer_3"))
     width = t5.width if t5 else context_dim or TextLayout().context_dim
     layout = TextLayout(clip_l_dim=clip_l.width, clip_g_dim=clip_g.width, context_dim=width, t5_tokens=t5_tokens)
     return TextEncoders(layout, clip_l, clip_g, t5)

@@ -117,11 +117,12 @@ def vae_from_ldm_state(state: dict[str, torch.Tensor], dtype: torch.dtype = torc
     return VAE(autoencoder)
 
 
-def load_diffusers_vae(path, dtype: torch.dtype = torch.float32) -> VAE:
-    """A diffusers AutoencoderKL directory, or a pipeline directory holding one in vae/."""
+def load_diffusers_vae(path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> VAE:
+    """A diffusers AutoencoderKL directory, or a pipeline directory holding one in vae/ (safetensors only unless
+    allow_pickle)."""
     from diffusers import AutoencoderKL
 
     path = Path(path)
     if (path / "vae").is_dir():
         path = path / "vae"
-    return VAE(AutoencoderKL.from_pretrained(path, dtype=dtype))
+    return VAE(AutoencoderKL.from_pretrained(path, dtype=dtype, use_safetensors=not allow_pickle or None))

@@ -191,3 +191,12 @@ def test_parity_at_real_widths(tmp_path):
     model = load_mmdit(tmp_path / "t")
     inp = tiny_inputs(batch=1, height=32, width=24, context_len=154, context_dim=4096, pooled_dim=2048)
     assert (ours_out(model, **inp) - diffusers_out(ref, **inp)).abs().max() <= TOL
+
+
+def test_broken_index_and_config_json(tmp_path):
+    ref = tiny_diffusers_transformer()
+    ref.save_pretrained(tmp_path / "t", max_shard_size="20KB")
+    (tmp_path / "t" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"metadata": {}}')
+    one_line_error(tmp_path / "t", "has no weight_map")
+    (tmp_path / "t" / "config.json").write_text("{not json")
+    one_line_error(tmp_path / "t", "is not readable JSON")

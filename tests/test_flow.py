@@ -191,3 +191,12 @@ def test_skip_layer_guidance_steps_and_formula():
     assert model.batches == [(2, ()), (1, (1,))]
     expected = 0.5 + 3.0 * 1.5 + 2.0 * (2.0 - 102.0)
     torch.testing.assert_close(v, torch.full((1, 3), expected))
+
+
+def test_skip_layer_guidance_needs_cfg():
+    """As in diffusers: with guidance off (scale <= 1) there is no skip-layer pass either."""
+    model = RecordingModel()
+    slg = flow.SkipLayerGuidance(layers=(1,), scale=2.0)
+    velocity = flow.guided_velocity(model, {"c": torch.tensor([2.0])}, {"c": torch.tensor([0.5])}, 1.0, 28, slg)
+    velocity(torch.ones(1, 3), torch.full((1,), 0.5), 2)
+    assert model.batches == [(1, ())]

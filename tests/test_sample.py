@@ -1,6 +1,7 @@
 """sample.py end to end on a tiny pipeline: the image diffusers' StableDiffusion3Pipeline makes, and clean failures."""
 
 import importlib.util
+import re
 import json
 import subprocess
 import sys
@@ -207,3 +208,38 @@ def test_single_file_with_text_encoders_beside_it(tiny_pipeline, tiny_single_fil
                      str(tmp_path / "prompts.txt"), "--t5-tokenizer", str(tiny_pipeline / "tokenizer_3"),
                      "--seed", "7", "--out", str(out), *COMMON])
     assert_same_image(read(out), diffusers_images(tiny_pipeline, [7])[0])
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--shift", "0"], "--shift must be > 0"),
+    (["--seed", "-1"], "--seed must lie in"),
+    (["--width", "528"], "exceeds this model's position table: sides up to 512 px"),
+    (["--device", "bogus"], "unknown --device"),
+    (["--slg-layers", "99"], r"--slg-layers \[99\] lie outside blocks 0..1"),
+])
+def test_more_bad_options(tiny_pipeline, tmp_path, capsys, extra, match):
+    err = run_failing(["--model", str(tiny_pipeline), "--prompt", "x", "--out", str(tmp_path / "a.png"), *COMMON,
+                       *extra], capsys, tmp_path)
+    assert re.search(match, err) and not (tmp_path / "a.png").exists()
+
+
+def test_out_is_a_directory_and_prompts_file_not_text(tiny_pipeline, tmp_path, capsys):
+    (tmp_path / "taken.png").mkdir()
+    err = run_failing(["--model", str(tiny_pipeline), "--prompt", "x", "--out", str(tmp_path / "taken.png")],
+                      capsys, tmp_path)
+    assert "is a directory" in err
+    (tmp_path / "prompts.txt").write_bytes(b"\xff\xfe\x00bad")
+    err = run_failing(["--model", str(tiny_pipeline), "--prompts-file", str(tmp_path / "prompts.txt"),
+                       "--out", str(tmp_path / "a.png")], capsys, tmp_path)
+    assert "is not UTF-8 text" in err
+
+
+def test_written_files_get_ordinary_permissions(tiny_pipeline, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "img.png"
+    sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--out", str(out), *COMMON])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
