@@ -1,0 +1,250 @@
+"""Train an MM-DiT with the SD3 paper's recipe on precomputed shards.
+
+    python train.py --config configs/tiny.yaml [section.key=value ...] [--resume latest|PATH]
+    accelerate launch train.py --config configs/sd3-d24-256.yaml
+
+Per step: draw sigma (lognorm(0, 1) by default, shift only if asked), noise the latents, drop each text encoder
+independently (zeros), assemble the conditioning, predict the velocity, MSE to noise - x0, backward, clip, AdamW,
+EMA (fp32). Checkpoints hold model, EMA, optimiser, schedule, step, the training RNG and the data position, and are
+written to a temporary folder then renamed; resuming continues bit for bit. A non-finite loss skips the step;
+max_bad_steps in a row stop the run. SIGTERM / SIGINT save a checkpoint and exit.
+
+Status: single process. Multi-process DeepSpeed ZeRO (configs/deepspeed) is not wired in yet.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def get_lr(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to base_lr, then constant (the SD3 paper's schedule)."""
+    return base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+    """ema <- decay * ema + (1 - decay) * model, in fp32, over parameters and buffers alike."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m.to(e.dtype), 1 - decay)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a YAML recipe in configs/ (default: the defaults of mmdit/config.py)")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 train.steps=1000")
+    return p.parse_args(argv)
+
+
+def fail(message: str):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((out_dir / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int) -> Path:
+    """Everything a bit-exact resume needs, in a temporary folder renamed into place; the oldest beyond keep go."""
+    from mmdit.checkpoint import save_mmdit
+
+    folder = out_dir / "checkpoints" / f"step_{step:08d}"
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_mmdit(model, tmp / "model.safetensors", "native")
+    save_mmdit(ema, tmp / "ema.safetensors", "native")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(state, tmp / "state.pt")
+    os.replace(tmp, folder)
+    for old in sorted((out_dir / "checkpoints").glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+    return folder
+
+
+@torch.no_grad()
+def validation_loss(model, batches, layout, cfg, device) -> dict:
+    """The paper's validation loss: a fixed held-out set, fixed noise and fixed sigmas (evenly spaced), every text
+    encoder present; per sigma and the mean. A local generator leaves the training RNG untouched."""
+    from mmdit import flow
+    from mmdit.text import assemble
+
+    n = cfg.train.val_sigmas
+    sigmas = [(i + 0.5) / n for i in range(n)]
+    per_sigma = [0.0] * n
+    for b, batch in enumerate(batches):
+        x0 = batch["latent"].float().to(device)
+        B = x0.shape[0]
+        context, pooled = assemble(layout, B, clip_l=(batch["clip_l"], batch["clip_l_pooled"]),
+                                   clip_g=(batch["clip_g"], batch["clip_g_pooled"]), t5=batch.get("t5"),
+                                   device=device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 + b)).to(device)
+        for i, s in enumerate(sigmas):
+            sigma = torch.full((B,), s, device=device)
+            pred = model(flow.interpolate(x0, noise, sigma), sigma, context, pooled)
+            per_sigma[i] += flow.flow_loss(pred, x0, noise, sigma).item() / len(batches)
+    return {"mean": sum(per_sigma) / n, "per_sigma": dict(zip([round(s, 4) for s in sigmas], per_sigma))}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    from mmdit.config import TextLayout, config_to_dict, load_config
+    from mmdit.shards import ShardDataset, shard_list
+
+    # ---- configuration: every error here, before any compute ----
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not cfg.data.shards:
+            raise ValueError("data.shards is empty: give a shard folder (with manifest.json), e.g. "
+                             "data.shards=shards/train")
+        shard_list(cfg.data.shards)
+        if cfg.data.val_shards:
+            shard_list(cfg.data.val_shards)
+    except ValueError as e:
+        fail(str(e))
+    out_dir = Path(cfg.train.out_dir)
+    resume = None
+    if args.resume:
+        resume = latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
+        if resume is None or not (resume / "state.pt").is_file():
+            fail(f"no checkpoint to resume from at {args.resume if args.resume != 'latest' else out_dir}")
+
+    from mmdit import flow
+    from mmdit.checkpoint import load_mmdit
+    from mmdit.model import MMDiT, train_step_flops
+    from mmdit.text import assemble, sample_keep
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
+    # ---- model, EMA (fp32), optimiser, schedule ----
+    torch.manual_seed(cfg.train.seed)
+    model = (load_mmdit(cfg.model.init_from, dtype=torch.float32) if cfg.model.init_from
+             else MMDiT(cfg.model.build_config())).to(device)
+    model.activation_checkpointing = cfg.model.activation_checkpointing
+    ema = MMDiT(model.config).to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    generator = torch.Generator().manual_seed(cfg.train.seed)   # sigmas, noise, encoder dropout: all from here
+    step, epoch, batches_in_epoch, bad_steps = 0, 0, 0, 0
+    if resume is not None:
+        state = torch.load(resume / "state.pt", weights_only=True)
+        model.load_state_dict(load_mmdit(resume / "model.safetensors").state_dict())
+        ema.load_state_dict(load_mmdit(resume / "ema.safetensors").state_dict())
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+        generator.set_state(state["generator"])
+        step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+
+    # ---- data ----
+    def loader_for(epoch, skip):
+        dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
+                               shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+                               variant_probs=list(cfg.data.caption_variant_probs), skip_batches=skip)
+        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
+
+    batches = loader_for(epoch, batches_in_epoch)
+    val_batches = []
+    if cfg.data.val_shards:
+        val_set = ShardDataset(cfg.data.val_shards, cfg.data.batch_size, seed=0, shuffle_buffer=1)
+        val_batches = [b for _, b in zip(range(4), val_set)]
+    layout = None
+    drop = {"clip_l": cfg.text.drop_clip_l, "clip_g": cfg.text.drop_clip_g, "t5": cfg.text.drop_t5}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    stop = {"signal": None}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stop.update(signal=number))
+    log = open(out_dir / "log.jsonl", "a")
+
+    def checkpoint():
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                 "generator": generator.get_state()}
+        return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints)
+
+    # ---- the loop ----
+    started = time.perf_counter()
+    while step < cfg.train.steps:
+        try:
+            batch = next(batches)
+        except StopIteration:  # end of an epoch: the next one is shuffled anew
+            epoch, batches_in_epoch = epoch + 1, 0
+            batches = loader_for(epoch, 0)
+            continue
+        batches_in_epoch += 1
+        x0 = batch["latent"].float().to(device)
+        B = x0.shape[0]
+        if layout is None:
+            layout = TextLayout(clip_l_dim=batch["clip_l"].shape[-1], clip_g_dim=batch["clip_g"].shape[-1],
+                                context_dim=model.config.context_dim, clip_tokens=batch["clip_l"].shape[1],
+                                t5_tokens=batch["t5"].shape[1] if "t5" in batch else 77)
+
+        sigma = flow.sample_sigmas(B, cfg.flow.timestep_sampling, mean=cfg.flow.lognorm_mean,
+                                   std=cfg.flow.lognorm_std, mode_scale=cfg.flow.mode_scale, generator=generator)
+        sigma = flow.shift_sigma(sigma, cfg.flow.train_shift).to(device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        keep = sample_keep(B, drop, generator)
+        context, pooled = assemble(layout, B, clip_l=(batch["clip_l"], batch["clip_l_pooled"]),
+                                   clip_g=(batch["clip_g"], batch["clip_g_pooled"]), t5=batch.get("t5"),
+                                   keep=keep, device=device)
+
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, cfg.optim.lr, cfg.optim.warmup_steps)
+        with autocast:
+            pred = model(flow.interpolate(x0, noise, sigma), sigma, context, pooled)
+        loss = flow.flow_loss(pred, x0, noise, sigma, cfg.flow.loss_weighting)
+        if not torch.isfinite(loss):
+            bad_steps += 1
+            print(f"step {step}: non-finite loss, step skipped ({bad_steps} in a row)", file=sys.stderr)
+            if bad_steps >= cfg.train.max_bad_steps:
+                fail(f"{bad_steps} non-finite losses in a row; the last good checkpoint is kept in "
+                     f"{out_dir / 'checkpoints'}")
+            continue
+        bad_steps = 0
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.train.ema_decay)
+        step += 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - started
+            tokens = (x0.shape[-1] // 2) * (x0.shape[-2] // 2)
+            record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": B * cfg.train.log_every / elapsed,
+                      "flops_per_s": train_step_flops(model.config, B, tokens, context.shape[1])
+                      * cfg.train.log_every / elapsed}
+            print(json.dumps(record))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            started = time.perf_counter()
+        if val_batches and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+            val = {"step": step, "val": validation_loss(model, val_batches, layout, cfg, device),
+                   "val_ema": validation_loss(ema, val_batches, layout, cfg, device)}
+            print(json.dumps(val))
+            log.write(json.dumps(val) + "\n")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+            checkpoint()
+        if stop["signal"] is not None:
+            folder = checkpoint()
+            print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
+            return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
