@@ -9,7 +9,8 @@ EMA (fp32). Checkpoints hold model, EMA, optimiser, schedule, step, the training
 written to a temporary folder then renamed; resuming continues bit for bit. A non-finite loss skips the step;
 max_bad_steps in a row stop the run. SIGTERM / SIGINT save a checkpoint and exit.
 
-Status: single process. Multi-process DeepSpeed ZeRO (configs/deepspeed) is not wired in yet.
+Several processes (accelerate launch) train with DeepSpeed ZeRO (train.deepspeed, ZeRO-2 by default): each rank reads
+its own shards, gradients are reduced by the engine, and checkpoints hold every rank's optimizer shard and state.
 """
 
 import argparse
@@ -55,21 +56,34 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int) -> Path:
-    """Everything a bit-exact resume needs, in a temporary folder renamed into place; the oldest beyond keep go."""
+def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int, accelerator=None) -> Path:
+    """Everything a bit-exact resume needs, written into a temporary folder that is renamed into place; the oldest
+    beyond `keep` are removed. Under DeepSpeed every rank writes its optimizer shard and its own RNG / data state."""
     from mmdit.checkpoint import save_mmdit
 
+    rank = accelerator.process_index if accelerator else 0
+    barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
     folder = out_dir / "checkpoints" / f"step_{step:08d}"
     tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_mmdit(model, tmp / "model.safetensors", "native")
-    save_mmdit(ema, tmp / "ema.safetensors", "native")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(state, tmp / "state.pt")
-    os.replace(tmp, folder)
-    for old in sorted((out_dir / "checkpoints").glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    raw = accelerator.unwrap_model(model) if accelerator else model
+    if rank == 0:
+        save_mmdit(raw, tmp / "model.safetensors", "native")
+        save_mmdit(ema, tmp / "ema.safetensors", "native")
+    if accelerator:
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective: each rank its optimizer shard
+    else:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(state, tmp / f"state_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        os.replace(tmp, folder)
+        for old in sorted((out_dir / "checkpoints").glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    barrier()
     return folder
 
 
@@ -118,7 +132,7 @@ def main(argv=None):
     resume = None
     if args.resume:
         resume = latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
-        if resume is None or not (resume / "state.pt").is_file():
+        if resume is None or not (resume / "state_rank0.pt").is_file():
             fail(f"no checkpoint to resume from at {args.resume if args.resume != 'latest' else out_dir}")
 
     from mmdit import flow
@@ -126,7 +140,28 @@ def main(argv=None):
     from mmdit.model import MMDiT, train_step_flops
     from mmdit.text import assemble, sample_keep
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # ---- processes: one, or several under accelerate launch with DeepSpeed ZeRO ----
+    accelerator, rank, world = None, 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed)
+        # The batch size and clipping live in the recipe alone; the DeepSpeed file leaves them "auto".
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.batch_size,
+                                       gradient_accumulation_steps=1, gradient_clipping=cfg.optim.grad_clip)
+        # Without a named backend, accelerate on a machine with no GPU takes DeepSpeed's process group for "no
+        # backend" and reports num_processes == 1 and process_index 0 on every rank, while torch.distributed
+        # has world_size ranks: every rank then reads rank 0's data. Naming it (gloo on CPU) avoids that.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
+                                  mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+        if accelerator.num_processes != world:
+            fail(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world}")
+        rank = accelerator.process_index
+        device = accelerator.device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     # ---- model, EMA (fp32), optimiser, schedule ----
@@ -134,23 +169,32 @@ def main(argv=None):
     model = (load_mmdit(cfg.model.init_from, dtype=torch.float32) if cfg.model.init_from
              else MMDiT(cfg.model.build_config())).to(device)
     model.activation_checkpointing = cfg.model.activation_checkpointing
-    ema = MMDiT(model.config).to(device).requires_grad_(False)
+    ema = MMDiT(model.config).to(device).requires_grad_(False)  # fp32 whatever the training precision
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
-    generator = torch.Generator().manual_seed(cfg.train.seed)   # sigmas, noise, encoder dropout: all from here
+    # sigmas, noise and encoder dropout all come from this generator, one stream per rank
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     step, epoch, batches_in_epoch, bad_steps = 0, 0, 0, 0
     if resume is not None:
-        state = torch.load(resume / "state.pt", weights_only=True)
         model.load_state_dict(load_mmdit(resume / "model.safetensors").state_dict())
         ema.load_state_dict(load_mmdit(resume / "ema.safetensors").state_dict())
-        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+        if accelerator is None:
+            optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if resume is not None:
+            model.load_checkpoint(str(resume / "deepspeed"), tag="state", load_module_strict=True)
+    if resume is not None:
+        state = torch.load(resume / f"state_rank{rank}.pt", weights_only=True)
         generator.set_state(state["generator"])
         step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+    raw_model = accelerator.unwrap_model(model) if accelerator else model
 
     # ---- data ----
     def loader_for(epoch, skip):
-        dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
+        dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, rank=rank,
+                               world_size=world,
                                shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                                variant_probs=list(cfg.data.caption_variant_probs), skip_batches=skip)
         return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
@@ -164,16 +208,17 @@ def main(argv=None):
     drop = {"clip_l": cfg.text.drop_clip_l, "clip_g": cfg.text.drop_clip_g, "t5": cfg.text.drop_t5}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    if rank == 0:
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stop.update(signal=number))
-    log = open(out_dir / "log.jsonl", "a")
+    log = open(out_dir / ("log.jsonl" if rank == 0 else f"log_rank{rank}.jsonl"), "a")
 
     def checkpoint():
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "generator": generator.get_state()}
-        return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints)
+        return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints, accelerator)
 
     # ---- the loop ----
     started = time.perf_counter()
@@ -189,7 +234,7 @@ def main(argv=None):
         B = x0.shape[0]
         if layout is None:
             layout = TextLayout(clip_l_dim=batch["clip_l"].shape[-1], clip_g_dim=batch["clip_g"].shape[-1],
-                                context_dim=model.config.context_dim, clip_tokens=batch["clip_l"].shape[1],
+                                context_dim=raw_model.config.context_dim, clip_tokens=batch["clip_l"].shape[1],
                                 t5_tokens=batch["t5"].shape[1] if "t5" in batch else 77)
 
         sigma = flow.sample_sigmas(B, cfg.flow.timestep_sampling, mean=cfg.flow.lognorm_mean,
@@ -214,26 +259,33 @@ def main(argv=None):
                      f"{out_dir / 'checkpoints'}")
             continue
         bad_steps = 0
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, cfg.train.ema_decay)
+        if accelerator is not None:  # the DeepSpeed engine reduces, clips and steps inside backward
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            grad_norm = torch.tensor(model.get_global_grad_norm() or 0.0)
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, raw_model, cfg.train.ema_decay)  # ZeRO-1/2 keep whole parameters on every rank
         step += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - started
             tokens = (x0.shape[-1] // 2) * (x0.shape[-2] // 2)
-            record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+            record = {"step": step, "rank": rank, "keys": batch["keys"], "loss": loss.item(),
+                      "grad_norm": grad_norm.item(),
                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": B * cfg.train.log_every / elapsed,
-                      "flops_per_s": train_step_flops(model.config, B, tokens, context.shape[1])
+                      "flops_per_s": train_step_flops(raw_model.config, B, tokens, context.shape[1])
                       * cfg.train.log_every / elapsed}
-            print(json.dumps(record))
+            print(json.dumps({k: v for k, v in record.items() if k != "keys"}))
             log.write(json.dumps(record) + "\n")
             log.flush()
             started = time.perf_counter()
-        if val_batches and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
-            val = {"step": step, "val": validation_loss(model, val_batches, layout, cfg, device),
+        if val_batches and rank == 0 and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+            val = {"step": step, "val": validation_loss(raw_model, val_batches, layout, cfg, device),
                    "val_ema": validation_loss(ema, val_batches, layout, cfg, device)}
             print(json.dumps(val))
             log.write(json.dumps(val) + "\n")
