@@ -14,6 +14,7 @@ its own shards, gradients are reduced by the engine, and checkpoints hold every 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -149,13 +150,15 @@ def main(argv=None):
         plugin = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed)
         # The batch size and clipping live in the recipe alone; the DeepSpeed file leaves them "auto".
         plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.batch_size,
-                                       gradient_accumulation_steps=1, gradient_clipping=cfg.optim.grad_clip)
+                                       gradient_accumulation_steps=cfg.optim.grad_accum,
+                                       gradient_clipping=cfg.optim.grad_clip)
         # Without a named backend, accelerate on a machine with no GPU takes DeepSpeed's process group for "no
         # backend" and reports num_processes == 1 and process_index 0 on every rank, while torch.distributed
         # has world_size ranks: every rank then reads rank 0's data. Naming it (gloo on CPU) avoids that.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
-                                  mixed_precision="bf16" if cfg.train.precision == "bf16" else "no")
+                                  mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+                                  gradient_accumulation_steps=cfg.optim.grad_accum)
         if accelerator.num_processes != world:
             fail(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world}")
         rank = accelerator.process_index
@@ -191,6 +194,14 @@ def main(argv=None):
         step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
     raw_model = accelerator.unwrap_model(model) if accelerator else model
 
+    def whole_parameters():
+        """ZeRO-3 shards parameters across ranks: gather them where the EMA or a save reads them whole."""
+        if accelerator is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(raw_model.parameters()))
+        return contextlib.nullcontext()
+
     # ---- data ----
     def loader_for(epoch, skip):
         dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, rank=rank,
@@ -218,10 +229,12 @@ def main(argv=None):
     def checkpoint():
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "generator": generator.get_state()}
-        return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints, accelerator)
+        with whole_parameters():
+            return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints,
+                                   accelerator)
 
-    # ---- the loop ----
-    started = time.perf_counter()
+    # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
+    started, micro = time.perf_counter(), 0
     while step < cfg.train.steps:
         try:
             batch = next(batches)
@@ -259,17 +272,24 @@ def main(argv=None):
                      f"{out_dir / 'checkpoints'}")
             continue
         bad_steps = 0
-        if accelerator is not None:  # the DeepSpeed engine reduces, clips and steps inside backward
+        if accelerator is not None:  # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary
             accelerator.backward(loss)
+        else:
+            (loss / cfg.optim.grad_accum).backward()
+        micro += 1
+        if micro < cfg.optim.grad_accum:
+            continue
+        micro = 0
+        if accelerator is not None:
             optimizer.step()
             optimizer.zero_grad()
             grad_norm = torch.tensor(model.get_global_grad_norm() or 0.0)
         else:
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, raw_model, cfg.train.ema_decay)  # ZeRO-1/2 keep whole parameters on every rank
+        with whole_parameters():
+            update_ema(ema, raw_model, cfg.train.ema_decay)
         step += 1
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -295,6 +315,15 @@ def main(argv=None):
             folder = checkpoint()
             print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
             return 0
+    if rank == 0:  # the EMA weights in every format save_mmdit writes
+        from mmdit.checkpoint import save_mmdit
+
+        export = out_dir / "export"
+        save_mmdit(ema, export / "ema.safetensors", "native")
+        save_mmdit(ema, export / "ema_sai.safetensors", "sai")
+        if ema.config.frequency_dim == 256 and ema.config.mlp_ratio == 4.0:
+            save_mmdit(ema, export / "transformer", "diffusers")
+        print(f"exported the EMA weights to {export}", file=sys.stderr)
     return 0
 
 
