@@ -225,6 +225,11 @@ def main(argv=None):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stop.update(signal=number))
     log = open(out_dir / ("log.jsonl" if rank == 0 else f"log_rank{rank}.jsonl"), "a")
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    board = SummaryWriter(out_dir / "tensorboard") if rank == 0 else None
+    progress = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=rank != 0 or None)
 
     def checkpoint():
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
@@ -291,30 +296,41 @@ def main(argv=None):
         with whole_parameters():
             update_ema(ema, raw_model, cfg.train.ema_decay)
         step += 1
+        progress.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - started
-            tokens = (x0.shape[-1] // 2) * (x0.shape[-2] // 2)
+            tokens, accum = (x0.shape[-1] // 2) * (x0.shape[-2] // 2), cfg.optim.grad_accum
             record = {"step": step, "rank": rank, "keys": batch["keys"], "loss": loss.item(),
                       "grad_norm": grad_norm.item(),
-                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": B * cfg.train.log_every / elapsed,
-                      "flops_per_s": train_step_flops(raw_model.config, B, tokens, context.shape[1])
+                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": B * accum * cfg.train.log_every / elapsed,
+                      "flops_per_s": train_step_flops(raw_model.config, B * accum, tokens, context.shape[1])
                       * cfg.train.log_every / elapsed}
-            print(json.dumps({k: v for k, v in record.items() if k != "keys"}))
+            progress.write(json.dumps({k: v for k, v in record.items() if k != "keys"}))
             log.write(json.dumps(record) + "\n")
+            if board is not None:
+                for name in ("loss", "grad_norm", "lr", "samples_per_s", "flops_per_s"):
+                    board.add_scalar(f"train/{name}", record[name], step)
             log.flush()
             started = time.perf_counter()
         if val_batches and rank == 0 and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
             val = {"step": step, "val": validation_loss(raw_model, val_batches, layout, cfg, device),
                    "val_ema": validation_loss(ema, val_batches, layout, cfg, device)}
-            print(json.dumps(val))
+            progress.write(json.dumps(val))
             log.write(json.dumps(val) + "\n")
+            for name in ("val", "val_ema"):
+                board.add_scalar(f"{name}/mean", val[name]["mean"], step)
+                for sigma, value in val[name]["per_sigma"].items():
+                    board.add_scalar(f"{name}/sigma_{sigma}", value, step)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint()
         if stop["signal"] is not None:
             folder = checkpoint()
             print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
             return 0
+    progress.close()
+    if board is not None:
+        board.close()
     if rank == 0:  # the EMA weights in every format save_mmdit writes
         from mmdit.checkpoint import save_mmdit
 

@@ -63,6 +63,8 @@ def test_loss_falls(shards, tmp_path):
     first, last = sum(curve[s] for s in range(1, 21)) / 20, sum(curve[s] for s in range(131, 151)) / 20
     assert last < 0.8 * first
     assert (tmp_path / "run" / "checkpoints" / "step_00000150" / "ema.safetensors").is_file()
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 1000   # loss, lr, grad norm, throughput, validation per sigma
 
 
 def test_resume_is_bit_exact(shards, tmp_path):
