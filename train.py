@@ -88,6 +88,18 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict
     return folder
 
 
+def sample_grid(ema, conditioning, cfg, side: int):
+    """Images of the fixed prompts from the EMA weights (seeds 0, 1, ...), side by side: (H, W * n, 3) uint8."""
+    from mmdit.pipeline import SD3Pipeline, Settings
+
+    text, vae = conditioning
+    pipe = SD3Pipeline(ema, vae, text)
+    prompts = list(cfg.train.sample_prompts)
+    images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=5.0,
+                                                                       width=side, height=side))
+    return images.transpose(1, 0, 2, 3).reshape(side, side * len(prompts), 3)
+
+
 @torch.no_grad()
 def validation_loss(model, batches, layout, cfg, device) -> dict:
     """The paper's validation loss: a fixed held-out set, fixed noise and fixed sigmas (evenly spaced), every text
@@ -239,7 +251,7 @@ def main(argv=None):
                                    accelerator)
 
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
-    started, micro = time.perf_counter(), 0
+    started, micro, conditioning = time.perf_counter(), 0, None
     while step < cfg.train.steps:
         try:
             batch = next(batches)
@@ -322,6 +334,22 @@ def main(argv=None):
                 board.add_scalar(f"{name}/mean", val[name]["mean"], step)
                 for sigma, value in val[name]["per_sigma"].items():
                     board.add_scalar(f"{name}/sigma_{sigma}", value, step)
+        if cfg.train.sample_model and rank == 0 and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+            if conditioning is None:
+                from mmdit.pipeline import load_conditioning
+
+                conditioning = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
+                                                 t5_tokens=layout.t5_tokens)
+                conditioning[1].autoencoder.to(device)
+                for encoder in (conditioning[0].clip_l, conditioning[0].clip_g, conditioning[0].t5):
+                    if encoder is not None:
+                        encoder.model.to(device)
+            grid = sample_grid(ema, conditioning, cfg, side=x0.shape[-1] * conditioning[1].downsample)
+            board.add_image("samples/ema", grid, step, dataformats="HWC")
+            from PIL import Image
+
+            (out_dir / "samples").mkdir(exist_ok=True)
+            Image.fromarray(grid).save(out_dir / "samples" / f"step_{step:08d}.png")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint()
         if stop["signal"] is not None:

@@ -202,6 +202,9 @@ class TrainSection:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10              # consecutive non-finite losses before the run stops
     deepspeed: str = "configs/deepspeed/zero2.json"
+    sample_model: str | None = None      # text encoders + VAE (a pipeline) for image grids at validation
+    sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red circle left of a blue square")
+    sample_steps: int = 20
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,10 @@ def _coerce(value, annotation: str, where: str):
     base = annotation.replace(" | None", "")
     if value is None and "None" in annotation:
         return None
+    if base == "tuple[str, ...]":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if base.startswith("tuple"):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
             raise ValueError(f"{where}: expected a list of numbers, got {value!r}")

@@ -220,6 +220,7 @@ def test_finetune_an_sd3_pipeline_and_load_the_export_in_diffusers(tiny_pipeline
 
     import numpy as np
     from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
 
     g = torch.Generator().manual_seed(0)
     with S.ShardWriter(tmp_path / "shards" / "00000.tar") as w:
@@ -231,7 +232,10 @@ def test_finetune_an_sd3_pipeline_and_load_the_export_in_diffusers(tiny_pipeline
     S.write_manifest(tmp_path / "shards", {"00000.tar": 4}, {}, {})
     train_cli.main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'shards'}",
                     f"model.init_from={tiny_pipeline}", f"train.out_dir={tmp_path / 'run'}", "train.steps=2",
-                    "data.caption_variant_probs=[1]", "train.checkpoint_every=100"])
+                    "data.caption_variant_probs=[1]", "train.checkpoint_every=100",
+                    f"train.sample_model={tiny_pipeline}", "train.sample_steps=2", "train.val_every=2"])
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_00000002.png"))
+    assert grid.shape == (64, 128, 3)   # two prompts, 8x8 latents decode to 64x64
     pipe_dir = tmp_path / "finetuned"
     shutil.copytree(tiny_pipeline, pipe_dir)
     shutil.rmtree(pipe_dir / "transformer")
