@@ -2,7 +2,7 @@
 
 import argparse
 
-from mmdit.bench import data, model, sample
+from mmdit.bench import data, model, sample, train
 
 
 def main(argv=None):
@@ -11,6 +11,7 @@ def main(argv=None):
     model.add_arguments(sub.add_parser("model", help=model.__doc__.splitlines()[0]))
     sample.add_arguments(sub.add_parser("sample", help=sample.__doc__.splitlines()[0]))
     data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
+    train.add_arguments(sub.add_parser("train", help=train.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     args.run(args)
 

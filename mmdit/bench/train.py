@@ -1,0 +1,115 @@
+"""The trainer's throughput against the bare model step and against a diffusers-based loop, one process.
+
+On synthetic shards with SD3's shapes (256x256 latents, CLIP + T5 at 77 tokens), for a paper-family depth:
+(1) train.py's own loop (data loading, sigma / noise / dropout draws, assembly, step, EMA, logging), its steady
+state read from its log; (2) the bare step of the same model on fixed tensors (forward, backward, AdamW); (3) the
+same data loop calling diffusers' SD3Transformer2DModel. The trainer's overhead is (1) against (2); the speedup is
+(3) against (1). All in fp32 on this machine; the repeated rounds alternate (2) and (3).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmdit.bench.data import write_synthetic
+from mmdit.bench.measure import alternate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def trainer_rate(shards: Path, out: Path, depth: int, batch: int, steps: int) -> float:
+    """Samples/s of train.py over its last `steps // 2` steps (startup and first steps excluded)."""
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    train.main([f"data.shards={shards}", f"train.out_dir={out}", f"model.preset=d{depth}",
+                "model.overrides={pos_embed_max_size: 64}", f"data.batch_size={batch}", "data.num_workers=0",
+                f"train.steps={steps}", f"train.log_every={steps // 2}", "train.precision=fp32",
+                f"train.checkpoint_every={10 * steps}", "optim.warmup_steps=1", "data.caption_variant_probs=[1]"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if "samples_per_s" in r][-1]["samples_per_s"]
+
+
+def loops(shards: Path, depth: int, batch: int):
+    """The bare step of our model, and a data loop stepping diffusers' model: {name: () -> None}."""
+    from diffusers import SD3Transformer2DModel
+
+    from mmdit import flow
+    from mmdit.config import TextLayout, paper_depth
+    from mmdit.model import MMDiT
+    from mmdit.shards import ShardDataset
+    from mmdit.text import assemble, sample_keep
+
+    ours = MMDiT(paper_depth(depth, pos_embed_max_size=64))
+    ref = SD3Transformer2DModel(num_layers=depth, attention_head_dim=64, num_attention_heads=depth,
+                                caption_projection_dim=64 * depth, pos_embed_max_size=64)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
+    x, target = torch.randn(batch, 16, 32, 32), torch.randn(batch, 16, 32, 32)
+    sigma, context, pooled = torch.rand(batch), torch.randn(batch, 154, 4096), torch.randn(batch, 2048)
+    layout = TextLayout()
+    data = iter(())
+    g = torch.Generator().manual_seed(0)
+
+    def bare():
+        opt_ours.zero_grad(set_to_none=True)
+        F.mse_loss(ours(x, sigma, context, pooled), target).backward()
+        opt_ours.step()
+
+    def diffusers_loop():
+        nonlocal data
+        b = next(data, None)
+        if b is None:
+            data = iter(ShardDataset(str(shards), batch, shuffle_buffer=16))
+            b = next(data)
+        x0 = b["latent"].float()
+        s = flow.sample_sigmas(batch, generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        keep = sample_keep(batch, {"clip_l": 0.463, "clip_g": 0.463, "t5": 0.463}, g)
+        ctx, pool = assemble(layout, batch, clip_l=(b["clip_l"], b["clip_l_pooled"]),
+                             clip_g=(b["clip_g"], b["clip_g_pooled"]), t5=b["t5"], keep=keep)
+        opt_ref.zero_grad(set_to_none=True)
+        pred = ref(hidden_states=flow.interpolate(x0, noise, s), timestep=s * 1000, encoder_hidden_states=ctx,
+                   pooled_projections=pool, return_dict=False)[0]
+        flow.flow_loss(pred, x0, noise, s).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt_ref.step()
+
+    return {"bare step (ours)": bare, "diffusers loop": diffusers_loop}
+
+
+def run(args):
+    print(f"training benchmark: MM-DiT depth {args.depth}, batch {args.batch}, 256x256 latents, 154 text tokens, "
+          f"fp32, one process, {torch.get_num_threads()} threads; train.py vs its bare model step vs a "
+          f"diffusers-based loop on the same shards")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        shards.mkdir()
+        write_synthetic(shards, samples=4 * args.batch, per_shard=2 * args.batch, variants=1, compact=False)
+        from mmdit.shards import write_manifest
+
+        write_manifest(shards, {p.name: 2 * args.batch for p in sorted(shards.glob("*.tar"))}, {}, {})
+        trainer = trainer_rate(shards, Path(tmp) / "run", args.depth, args.batch, args.steps)
+        times = alternate(loops(shards, args.depth, args.batch), torch.device("cpu"), args.rounds)
+    rates = {name: args.batch / statistics.median(t) for name, t in times.items()}
+    tokens = (256 + 154) * args.batch
+    print(f"  train.py        {trainer:7.2f} samples/s  {trainer * tokens / args.batch:8.0f} tokens/s")
+    for name, rate in rates.items():
+        print(f"  {name:15s} {rate:7.2f} samples/s  {rate * tokens / args.batch:8.0f} tokens/s")
+    print(f"  trainer overhead over the bare step: {(rates['bare step (ours)'] / trainer - 1) * 100:+.1f}%; "
+          f"train.py vs the diffusers loop: {trainer / rates['diffusers loop']:.3f}x")
+
+
+def add_arguments(parser):
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="train.py steps; the last half are timed")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.set_defaults(run=run)
