@@ -356,7 +356,10 @@ def main(argv=None):
             Image.fromarray(grid).save(out_dir / "samples" / f"step_{step:08d}.png")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint()
-        if stop["signal"] is not None:
+        stopping = stop["signal"] is not None
+        if accelerator is not None:  # every rank must stop at the same step: the save is collective
+            stopping = bool(accelerator.reduce(torch.tensor(int(stopping), device=device), "max").item())
+        if stopping:
             folder = checkpoint()
             print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
             return 0

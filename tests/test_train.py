@@ -190,15 +190,41 @@ def test_two_processes_with_deepspeed_zero2(tmp_path):
     assert all(r0[s]["grad_norm"] == r1[s]["grad_norm"] for s in r0)     # one reduced gradient
     assert any(r0[s]["loss"] != r1[s]["loss"] for s in r0)               # from different data
 
+    def same_run(a_dir, b_dir, last):
+        for name in ("log.jsonl", "log_rank1.jsonl"):
+            a, b = records(a_dir, name), records(b_dir, name)
+            assert {s: (r["loss"], r["keys"]) for s, r in a.items()} == \
+                {s: (r["loss"], r["keys"]) for s, r in b.items()}
+        for weights in ("model", "ema"):
+            a = load_mmdit(a_dir / "checkpoints" / f"step_{last:08d}" / f"{weights}.safetensors").state_dict()
+            b = load_mmdit(b_dir / "checkpoints" / f"step_{last:08d}" / f"{weights}.safetensors").state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
     launch(tmp_path / "two", 4)
     launch(tmp_path / "two", 8, "--resume", "latest")
-    for name in ("log.jsonl", "log_rank1.jsonl"):
-        a, b = records(tmp_path / "one", name), records(tmp_path / "two", name)
-        assert {s: (r["loss"], r["keys"]) for s, r in a.items()} == {s: (r["loss"], r["keys"]) for s, r in b.items()}
-    for weights in ("model", "ema"):
-        a = load_mmdit(tmp_path / "one" / "checkpoints" / "step_00000008" / f"{weights}.safetensors").state_dict()
-        b = load_mmdit(tmp_path / "two" / "checkpoints" / "step_00000008" / f"{weights}.safetensors").state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    same_run(tmp_path / "one", tmp_path / "two", 8)
+
+    # SIGTERM to the launcher reaches every rank; they agree on the step, save together, and the resumed run
+    # continues as if nothing happened.
+    import signal
+    import time
+
+    launch(tmp_path / "ref", 300)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(ROOT / "train.py"),
+           "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'train'}",
+           f"train.out_dir={tmp_path / 'sig'}", "train.steps=300", "train.log_every=1", "data.batch_size=2",
+           "train.checkpoint_every=100", "data.caption_variant_probs=[1]"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "sig" / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    saved = sorted((tmp_path / "sig" / "checkpoints").glob("step_*"))
+    assert saved and int(saved[-1].name[5:]) < 300
+    launch(tmp_path / "sig", 300, "--resume", "latest")
+    same_run(tmp_path / "ref", tmp_path / "sig", 300)
 
 
 def test_gradient_accumulation_equals_the_big_batch(shards, tmp_path):
