@@ -60,24 +60,12 @@ def parse_args(argv=None):
 
 def read_webdataset_tar(path, stats):
     """Samples of an img2dataset tar; a truncated tar yields what it holds and is counted."""
-    current, members = None, {}
     try:
-        with tarfile.open(path, "r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, ext = Path(info.name).name.partition(".")
-                if key != current and current is not None:
-                    yield current, members
-                    members = {}
-                current = key
-                members[ext.lower()] = tar.extractfile(info).read()
+        for key, members in S.tar_groups(path):
+            yield key, {ext.lower(): data for ext, data in members.items()}
     except (tarfile.TarError, OSError, EOFError) as e:
         stats["truncated_inputs"] = stats.get("truncated_inputs", 0) + 1
         log.warning("input %s is truncated or unreadable (%s): its remaining samples are skipped", path, e)
-        return
-    if current is not None:
-        yield current, members
 
 
 def folder_blocks(folder, captions_file, per_shard):

@@ -206,46 +206,46 @@ class ReadStats:
     notes: list = field(default_factory=list)
 
 
+def tar_groups(path):
+    """(key, {extension: bytes}) for each run of adjacent members sharing a key (webdataset's grouping), in order.
+
+    Raises tarfile.ReadError for a truncated tar, also one cut exactly at a member header (tarfile ends quietly
+    there; a whole tar ends with two zero blocks); the group being read when it broke is never yielded.
+    """
+    current, members = None, {}
+    with tarfile.open(path, "r|") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, _, ext = Path(info.name).name.partition(".")
+            if key != current and current is not None:
+                yield current, members
+                members = {}
+            current = key
+            members[ext] = tar.extractfile(info).read()
+        if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError("no end-of-archive marker")
+    if current is not None:
+        yield current, members
+
+
 def read_shard(path, stats: ReadStats | None = None):
     """Yield the decoded samples of one shard in order; a truncated or unreadable shard ends early with a
-    warning, and a sample missing a member or failing to decode is skipped with a warning."""
+    warning, and a sample missing a member or failing to decode is skipped with a warning. Both are counted."""
     stats = stats if stats is not None else ReadStats()
-    current, members = None, {}
-
-    def flush():
-        if current is None:
-            return None
-        try:
-            sample = decode_sample(members)
-            stats.samples += 1
-            return sample
-        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
-            stats.corrupt_samples += 1
-            logger.warning("skipping sample %s of %s: %s", current, path, e)
-            return None
-
     try:
-        with tarfile.open(path, "r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                key, _, ext = Path(info.name).name.partition(".")
-                if key != current:
-                    sample = flush()
-                    if sample is not None:
-                        yield sample
-                    current, members = key, {}
-                members[ext] = tar.extractfile(info).read()
-            # tarfile stops quietly when a file is cut at a header: a whole tar ends with two zero blocks.
-            if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
-                raise tarfile.ReadError("no end-of-archive marker")
+        for key, members in tar_groups(path):
+            try:
+                sample = decode_sample(members)
+            except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+                stats.corrupt_samples += 1
+                logger.warning("skipping sample %s of %s: %s", key, path, e)
+                continue
+            stats.samples += 1
+            yield sample
     except (tarfile.TarError, OSError, EOFError) as e:
         stats.corrupt_shards += 1
         logger.warning("shard %s is truncated or unreadable (%s); its remaining samples are skipped", path, e)
-        return  # the sample being read when the shard broke is incomplete: dropped
-    sample = flush()
-    if sample is not None:
-        yield sample
 
 
 def shard_list(source) -> list[str]:
