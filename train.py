@@ -220,8 +220,7 @@ def main(argv=None):
     # ---- data ----
     def loader_for(epoch, skip):
         dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, rank=rank,
-                               world_size=world,
-                               shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
+                               world_size=world, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                                variant_probs=list(cfg.data.caption_variant_probs), skip_batches=skip)
         return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
 
