@@ -50,3 +50,17 @@ def test_data_bench_pieces(tmp_path):
 
     size = write_synthetic(tmp_path, samples=6, per_shard=3, variants=1, compact=False)
     assert size > 6 * 0.98e6 and loader_rate(tmp_path, batch_size=2) > 0
+
+
+def test_train_bench_loops_run_on_shards(tmp_path):
+    from mmdit.bench.data import write_synthetic
+    from mmdit.bench.train import loops
+    from mmdit.shards import write_manifest
+
+    write_synthetic(tmp_path, samples=2, per_shard=2, variants=1, compact=False)
+    write_manifest(tmp_path, {"00000.tar": 2}, {}, {})
+    sides = loops(tmp_path, depth=2, batch=1)
+    assert set(sides) == {"bare step (ours)", "diffusers loop"}
+    for fn in sides.values():
+        fn()
+        fn()   # the diffusers loop reads the shards twice over: it restarts them when they run out
