@@ -1,0 +1,1 @@
+"""Evaluation: GenEval-compatible judging and summaries (mmdit.eval.geneval)."""

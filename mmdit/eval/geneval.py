@@ -1,0 +1,153 @@
+"""GenEval's rules, written for our pipeline: prompt metadata, the per-image judge, the run summary.
+
+The rules follow the official evaluator (djghosh13/geneval, evaluation/evaluate_images.py and
+summary_scores.py): detections above 0.3 confidence (0.9 for `counting` prompts), at most 16 per class, most
+confident first; `include` clauses must all hold (at least `count` detections of the class; then the top `count`
+objects checked for colour and for position against every object of the target clause); `exclude` clauses fail at
+`count` or more detections; position compares box centres after a dead zone of 0.1 x the summed box sizes, a
+relation holding where the remaining offset, normalised by the raw offset, passes +-0.5. The overall score is the
+unweighted mean of the per-task image accuracies. Detectors (and the colour classifier) plug in: the judge reads
+detections, it runs no model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, POSITION_THRESHOLD = 0.3, 0.9, 16, 0.1
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+@dataclass
+class Detection:
+    box: tuple[float, float, float, float]   # x1, y1, x2, y2 in pixels
+    score: float
+    color: str | None = None                 # filled by a colour classifier when a clause asks for one
+
+
+def read_metadata(path) -> list[dict]:
+    """GenEval's evaluation_metadata.jsonl: one object per line with `tag`, `prompt`, `include` (and `exclude`).
+    A bad line is named by its number."""
+    entries = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path} line {n} is not valid JSON") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise ValueError(f"{path} line {n} has no \"prompt\" string")
+        if not isinstance(entry.get("include", []), list) or "tag" not in entry:
+            raise ValueError(f"{path} line {n} needs a \"tag\" and an \"include\" list")
+        entries.append(entry)
+    return entries
+
+
+def keep_detections(detections: dict[str, list[Detection]], tag: str, threshold: float = THRESHOLD,
+                    counting_threshold: float = COUNTING_THRESHOLD, max_objects: int = MAX_OBJECTS):
+    """Per class: above the threshold (stricter for counting prompts), most confident first, at most max_objects."""
+    limit = counting_threshold if tag == "counting" else threshold
+    kept = {}
+    for cls, found in detections.items():
+        found = sorted((d for d in found if d.score > limit), key=lambda d: -d.score)[:max_objects]
+        if found:
+            kept[cls] = found
+    return kept
+
+
+def relative_position(a: Detection, b: Detection, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of a to b ("left of", "right of", "above", "below"), with a dead zone scaled by the box sizes."""
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = a.box, b.box
+    offset = ((ax1 + ax2) / 2 - (bx1 + bx2) / 2, (ay1 + ay2) / 2 - (by1 + by2) / 2)
+    dims = ((ax2 - ax1) + (bx2 - bx1), (ay2 - ay1) + (by2 - by1))
+    revised = [math.copysign(max(abs(o) - threshold * abs(d), 0.0), o) for o, d in zip(offset, dims)]
+    if all(abs(r) < 1e-3 for r in revised):
+        return set()
+    norm = math.hypot(*offset)
+    dx, dy = revised[0] / norm, revised[1] / norm
+    relations = set()
+    if dx < -0.5:
+        relations.add("left of")
+    if dx > 0.5:
+        relations.add("right of")
+    if dy < -0.5:
+        relations.add("above")
+    if dy > 0.5:
+        relations.add("below")
+    return relations
+
+
+def judge(metadata: dict, detections: dict[str, list[Detection]],
+          classify_colors: Callable[[str, list[Detection]], list[str]] | None = None) -> tuple[bool, list[str]]:
+    """(correct, reasons) for one image's kept detections. classify_colors(class, objects) -> one colour each;
+    by default each detection's own `color`."""
+    classify_colors = classify_colors or (lambda cls, objects: [o.color for o in objects])
+    correct, reasons, matched_groups = True, [], []
+    for req in metadata.get("include", []):
+        cls, count = req["class"], req["count"]
+        found = detections.get(cls, [])[:count]
+        matched = len(found) >= count
+        if not matched:
+            reasons.append(f"expected {cls}>={count}, found {len(found)}")
+        else:
+            if "color" in req:
+                colors = classify_colors(cls, found)
+                if colors.count(req["color"]) < count:
+                    matched = False
+                    reasons.append(f"expected {req['color']} {cls}>={count}, found {colors.count(req['color'])} "
+                                   f"{req['color']}")
+            if "position" in req and matched:
+                relation, target = req["position"]
+                targets = matched_groups[target]
+                if targets is None:
+                    matched = False
+                    reasons.append(f"no target for {cls} to be {relation}")
+                elif any(relation not in relative_position(o, t) for o in found for t in targets):
+                    matched = False
+                    reasons.append(f"expected {cls} {relation} target")
+        correct = correct and matched
+        matched_groups.append(found if matched else None)
+    for req in metadata.get("exclude", []):
+        if len(detections.get(req["class"], [])) >= req["count"]:
+            correct = False
+            reasons.append(f"expected {req['class']}<{req['count']}, found {len(detections[req['class']])}")
+    return correct, reasons
+
+
+def read_layout(outdir) -> list[tuple[Path, dict]]:
+    """(image, metadata) pairs as the official evaluator collects them: all-digit folders, `metadata.jsonl` one
+    JSON object, images named by \\d+.png under samples/."""
+    tasks = []
+    for folder in sorted(Path(outdir).iterdir()):
+        if not folder.is_dir() or not folder.name.isdigit():
+            continue
+        metadata = json.loads((folder / "metadata.jsonl").read_text())
+        for image in sorted((folder / "samples").iterdir()):
+            if image.is_file() and re.match(r"\d+\.png", image.name):
+                tasks.append((image, metadata))
+    return tasks
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per-task accuracy over images, images and prompts correct, and the overall score: the unweighted mean of
+    the task accuracies (GenEval's summary_scores.py)."""
+    by_task: dict[str, list[bool]] = {}
+    by_prompt: dict[str, list[bool]] = {}
+    for r in results:
+        by_task.setdefault(r["tag"], []).append(bool(r["correct"]))
+        key = r["metadata"] if isinstance(r["metadata"], str) else json.dumps(r["metadata"], sort_keys=True)
+        by_prompt.setdefault(key, []).append(bool(r["correct"]))
+    tasks = {tag: sum(v) / len(v) for tag, v in by_task.items()}
+    return {
+        "images": len(results), "prompts": len(by_prompt),
+        "correct_images": sum(r["correct"] for r in results) / len(results) if results else 0.0,
+        "correct_prompts": sum(any(v) for v in by_prompt.values()) / len(by_prompt) if by_prompt else 0.0,
+        "tasks": tasks, "overall": sum(tasks.values()) / len(tasks) if tasks else 0.0,
+    }
