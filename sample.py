@@ -7,10 +7,8 @@ is not a .png, DIR/00000.png, DIR/00001.png, ... Each PNG carries its prompt and
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from mmdit.flow import SAMPLERS
@@ -85,28 +83,6 @@ def check_writable(path: Path):
         fail(f"cannot write --out {path}: {folder} is not a writable directory")
 
 
-def write_png(image, path: Path, info: dict):
-    """Written under a temporary name and renamed, so an interrupted run leaves no partial image."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    meta = PngInfo()
-    meta.add_text("prompt", info["prompt"])
-    meta.add_text("parameters", json.dumps(info))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; an image is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
@@ -134,7 +110,7 @@ def main(argv=None):
     diffusers.utils.logging.disable_progress_bar()
 
     from mmdit.checkpoint import CheckpointError
-    from mmdit.pipeline import SD3Pipeline, Settings, settings_record
+    from mmdit.pipeline import SD3Pipeline, Settings, save_png, settings_record
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -169,7 +145,7 @@ def main(argv=None):
         except (ValueError, RuntimeError) as e:  # e.g. out of memory: the images already written stay whole
             fail(f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         for (prompt, seed), image, path in zip(batch, images, paths[start:start + len(batch)]):
-            write_png(image, path, {"prompt": prompt, "seed": seed, **record})
+            save_png(image, path, {"prompt": prompt, "seed": seed, **record})
             print(path)
 
 

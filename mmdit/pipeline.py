@@ -199,6 +199,33 @@ def resolve_model(path, no_t5: bool = False) -> Path:
                               f"accepted: {ACCEPTED_MODELS}") from None
 
 
+def save_png(image: np.ndarray, path: Path, info: dict):
+    """A uint8 (H, W, 3) image as PNG with its prompt and settings (info, as JSON in "parameters") in the metadata;
+    written under a temporary name and renamed, so an interrupted run leaves no partial image."""
+    import os
+    import tempfile
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text("prompt", str(info.get("prompt", "")))
+    meta.add_text("parameters", json.dumps(info))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; an image is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def settings_record(settings: Settings) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()}
 
