@@ -111,3 +111,73 @@ def test_shipped_metadata_reads_and_bad_lines_are_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"tag": "x", "include": []}\n')
     with pytest.raises(ValueError, match='line 1 has no "prompt"'):
         read_metadata(tmp_path / "bad.jsonl")
+
+
+# ---- generation in the evaluator's layout (tiny pipeline) ------------------------------------------------------
+
+PROMPTS = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+           {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
+            "prompt": "a photo of two clocks"},
+           {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}],
+            "prompt": "a photo of a red car"}]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipeline):
+    from mmdit.pipeline import SD3Pipeline
+
+    return SD3Pipeline.load(tiny_pipeline, t5_tokens=20)
+
+
+def run_generate(pipe, tmp_path, outdir, **kw):
+    from mmdit.eval.geneval import generate
+    from mmdit.pipeline import Settings
+
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    settings = Settings(steps=2, cfg=3.0, width=32, height=32)
+    return generate(meta, outdir, pipe, settings, samples_per_prompt=2, seed=42, batch_size=3, **kw)
+
+
+def pngs(outdir):
+    return {str(p.relative_to(outdir)): p.read_bytes() for p in sorted(outdir.glob("*/samples/*.png"))}
+
+
+def test_generate_layout_resume_determinism_and_ranks(pipe, tmp_path):
+    assert run_generate(pipe, tmp_path, tmp_path / "a") == 6
+    tasks = read_layout(tmp_path / "a")
+    assert len(tasks) == 6 and [t[1]["prompt"] for t in tasks[::2]] == [p["prompt"] for p in PROMPTS]
+    assert json.loads((tmp_path / "a" / "00001" / "metadata.jsonl").read_text()) == PROMPTS[1]
+    first = pngs(tmp_path / "a")
+    # resume: a half-finished run completes without remaking finished images
+    (tmp_path / "a" / "00002" / "samples" / "0001.png").unlink()
+    assert run_generate(pipe, tmp_path, tmp_path / "a") == 1 and pngs(tmp_path / "a") == first
+    # determinism, and two processes make the same set as one
+    run_generate(pipe, tmp_path, tmp_path / "b")
+    assert pngs(tmp_path / "b") == first
+    made = [run_generate(pipe, tmp_path, tmp_path / "c", rank=r, world_size=2) for r in (0, 1)]
+    assert made == [4, 2] and pngs(tmp_path / "c") == first
+
+
+def test_generate_refuses_another_runs_folder(pipe, tmp_path):
+    from mmdit.eval.geneval import generate
+    from mmdit.pipeline import Settings
+
+    run_generate(pipe, tmp_path, tmp_path / "a")
+    meta = tmp_path / "meta.jsonl"
+    with pytest.raises(ValueError, match="holds another run .*--overwrite"):
+        generate(meta, tmp_path / "a", pipe, Settings(steps=3, cfg=3.0, width=32, height=32), samples_per_prompt=2,
+                 seed=42)
+    generate(meta, tmp_path / "a", pipe, Settings(steps=3, cfg=3.0, width=32, height=32), samples_per_prompt=2,
+             seed=42, overwrite=True)
+
+
+def test_summary_command(tmp_path, capsys):
+    from mmdit.eval.geneval import main
+
+    rows = [{"tag": "single_object", "metadata": '{"prompt": "a"}', "correct": True},
+            {"tag": "counting", "metadata": '{"prompt": "b"}', "correct": False}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["summary", str(tmp_path / "results.jsonl"), "--json", str(tmp_path / "s.json")])
+    assert "overall        0.5000" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["overall"] == 0.5

@@ -151,3 +151,126 @@ def summarize(results: list[dict]) -> dict:
         "correct_prompts": sum(any(v) for v in by_prompt.values()) / len(by_prompt) if by_prompt else 0.0,
         "tasks": tasks, "overall": sum(tasks.values()) / len(tasks) if tasks else 0.0,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generating in GenEval's layout, and the command line
+
+
+def image_seed(seed: int, prompt_index: int, sample_index: int, samples_per_prompt: int) -> int:
+    """Image j of prompt i starts from seed + i * samples_per_prompt + j: any image can be made again alone."""
+    return seed + prompt_index * samples_per_prompt + sample_index
+
+
+def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int = 4, seed: int = 42,
+             batch_size: int = 4, record: dict | None = None, rank: int = 0, world_size: int = 1,
+             overwrite: bool = False) -> int:
+    """Write DIR/NNNNN/metadata.jsonl and DIR/NNNNN/samples/NNNN.png for every prompt (this rank's: every
+    world_size-th), skipping images already there; DIR/config.json records every setting and refuses a rerun with
+    other settings unless overwrite. Returns the number of images made."""
+    from mmdit.pipeline import save_png, settings_record
+
+    entries = read_metadata(metadata_path)
+    outdir = Path(outdir)
+    config = {**settings_record(settings), **(record or {}), "samples_per_prompt": samples_per_prompt,
+              "seed": seed, "seed_rule": "seed + prompt_index * samples_per_prompt + sample_index",
+              "metadata": str(metadata_path)}
+    config_file = outdir / "config.json"
+    if config_file.is_file() and not overwrite:
+        earlier = json.loads(config_file.read_text())
+        if earlier != config:
+            key = next(k for k in sorted(set(earlier) | set(config)) if earlier.get(k) != config.get(k))
+            raise ValueError(f"{outdir} holds another run ({key}: {earlier.get(key)!r} there, "
+                             f"{config.get(key)!r} now); pass --overwrite or use another --outdir")
+    outdir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    jobs = []
+    for i, entry in enumerate(entries):
+        if i % world_size != rank:
+            continue
+        folder = outdir / f"{i:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(entry) + "\n")
+        for j in range(samples_per_prompt):
+            if not (folder / "samples" / f"{j:04d}.png").is_file():
+                jobs.append((entry["prompt"], image_seed(seed, i, j, samples_per_prompt),
+                             folder / "samples" / f"{j:04d}.png"))
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        images = pipe.generate([p for p, _, _ in batch], [s for _, s, _ in batch], settings)
+        for (prompt, s, path), image in zip(batch, images):
+            save_png(image, path, {"prompt": prompt, "seed": s, **config})
+    return len(jobs)
+
+
+def print_summary(summary: dict):
+    print(f"images {summary['images']}, prompts {summary['prompts']}: {summary['correct_images']:.2%} of images "
+          f"and {summary['correct_prompts']:.2%} of prompts correct")
+    for tag in [t for t in TASKS if t in summary["tasks"]] + [t for t in summary["tasks"] if t not in TASKS]:
+        print(f"  {tag:<14s} {summary['tasks'][tag]:.4f}")
+    print(f"  {'overall':<14s} {summary['overall']:.4f}   (unweighted mean of the task accuracies)")
+
+
+def main(argv=None):
+    import argparse
+    import os
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m mmdit.eval.geneval", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="images in GenEval's folder layout")
+    g.add_argument("--metadata", required=True)
+    g.add_argument("--outdir", required=True)
+    g.add_argument("--model", required=True)
+    g.add_argument("--samples-per-prompt", type=int, default=4)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--no-t5", action="store_true")
+    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--shift", type=float, default=None)
+    g.add_argument("--sampler", default="euler")
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--max-sequence-length", type=int, default=77)
+    g.add_argument("--t5-tokenizer", default=None)
+    g.add_argument("--overwrite", action="store_true")
+    s = sub.add_parser("summary", help="per-task and overall scores of a results.jsonl")
+    s.add_argument("results")
+    s.add_argument("--json", help="also write the summary here")
+    args = p.parse_args(argv)
+
+    try:
+        if args.command == "summary":
+            results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+            summary = summarize(results)
+            print_summary(summary)
+            if args.json:
+                Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            return
+        import torch
+
+        from mmdit.pipeline import SD3Pipeline, Settings
+
+        read_metadata(args.metadata)   # a bad line stops here, before any model loads
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
+                                t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer)
+        settings = Settings(steps=args.steps, cfg=args.cfg, shift=pipe.shift if args.shift is None else args.shift,
+                            sampler=args.sampler, width=args.width, height=args.height)
+        record = {"model": str(args.model), "t5": not args.no_t5, "max_sequence_length": args.max_sequence_length,
+                  "dtype": str(dtype).replace("torch.", "")}
+        made = generate(args.metadata, args.outdir, pipe, settings, samples_per_prompt=args.samples_per_prompt,
+                        seed=args.seed, batch_size=args.batch_size, record=record,
+                        rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                        overwrite=args.overwrite)
+        print(f"{made} images written to {args.outdir}")
+    except (ValueError, OSError) as e:
+        print(f"geneval: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
