@@ -333,7 +333,7 @@ def diffusers_config(config: MMDiTConfig) -> dict:
     }
 
 
-def _default_mode(directory: bool = False) -> int:
+def default_mode(directory: bool = False) -> int:
     """The permissions an ordinary new file (or folder) gets under the process umask; mkstemp's are owner-only."""
     umask = os.umask(0)
     os.umask(umask)
@@ -346,7 +346,7 @@ def atomic_save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -373,7 +373,7 @@ def save_mmdit(model: MMDiT, path: str | os.PathLike, format: str = "native"):
             save_file({k: v.detach().contiguous().cpu() for k, v in to_diffusers(state, model.config).items()},
                       tmp / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            os.chmod(tmp, _default_mode(directory=True))
+            os.chmod(tmp, default_mode(directory=True))
             old = path.with_name(f".{path.name}.old")
             if path.exists():
                 os.replace(path, old)

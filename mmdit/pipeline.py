@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from mmdit import flow
-from mmdit.checkpoint import SAI_PREFIX, CheckpointError, atomic_save_file, load_mmdit, read_safetensors
+from mmdit.checkpoint import (SAI_PREFIX, CheckpointError, atomic_save_file, default_mode, load_mmdit,
+                              read_safetensors)
 from mmdit.config import TextLayout
 from mmdit.model import MMDiT
 from mmdit.text import (TextEncoders, clip_from_state, clip_tokenizer_from_open_clip, load_diffusers_text_encoders,
@@ -217,9 +218,7 @@ def save_png(image: np.ndarray, path: Path, info: dict):
     os.close(fd)
     try:
         Image.fromarray(image).save(tmp, format="PNG", pnginfo=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; an image is an ordinary file
+        os.chmod(tmp, default_mode())  # mkstemp makes owner-only files; an image is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +203,6 @@ class ReadStats:
     samples: int = 0
     corrupt_samples: int = 0
     corrupt_shards: int = 0
-    notes: list = field(default_factory=list)
 
 
 def tar_groups(path):
@@ -255,14 +254,6 @@ def shard_list(source) -> list[str]:
     source = Path(source)
     folder = source if source.is_dir() else source.parent
     return [str(folder / name) for name in read_manifest(folder)["shards"]]
-
-
-@dataclass
-class Position:
-    """Where a loader stands: the epoch and how many samples this (rank, worker) stream has yielded in it."""
-
-    epoch: int = 0
-    samples: int = 0
 
 
 def sample_stream(shards: list[str], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, worker: int = 0,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mmdit import shards as S
+from mmdit.bench.model import bare_train_step
 
 SHAPES = {"clip_l": (77, 768), "clip_l_pooled": (768,), "clip_g": (77, 1280), "clip_g_pooled": (1280,),
           "t5": (77, 4096)}
@@ -43,21 +44,7 @@ def loader_rate(folder: Path, batch_size: int) -> float:
 
 def training_rate(depth: int, batch: int) -> float:
     """Samples/s of one MM-DiT training step (forward, backward, fused AdamW) at 256x256 with 154 text tokens."""
-    import torch.nn.functional as F
-
-    from mmdit.config import paper_depth
-    from mmdit.model import MMDiT
-
-    model = MMDiT(paper_depth(depth, pos_embed_max_size=64))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x, target = torch.randn(batch, 16, 32, 32), torch.randn(batch, 16, 32, 32)
-    sigma, context, pooled = torch.rand(batch), torch.randn(batch, 154, 4096), torch.randn(batch, 2048)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.mse_loss(model(x, sigma, context, pooled), target).backward()
-        opt.step()
-
+    step = bare_train_step(depth, batch)
     step()
     start = time.perf_counter()
     for _ in range(2):

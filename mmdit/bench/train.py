@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mmdit.bench.data import write_synthetic
 from mmdit.bench.measure import alternate
+from mmdit.bench.model import bare_train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,26 +42,16 @@ def loops(shards: Path, depth: int, batch: int):
     from diffusers import SD3Transformer2DModel
 
     from mmdit import flow
-    from mmdit.config import TextLayout, paper_depth
-    from mmdit.model import MMDiT
+    from mmdit.config import TextLayout
     from mmdit.shards import ShardDataset
     from mmdit.text import assemble, sample_keep
 
-    ours = MMDiT(paper_depth(depth, pos_embed_max_size=64))
     ref = SD3Transformer2DModel(num_layers=depth, attention_head_dim=64, num_attention_heads=depth,
                                 caption_projection_dim=64 * depth, pos_embed_max_size=64)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
-    x, target = torch.randn(batch, 16, 32, 32), torch.randn(batch, 16, 32, 32)
-    sigma, context, pooled = torch.rand(batch), torch.randn(batch, 154, 4096), torch.randn(batch, 2048)
     layout = TextLayout()
     data = iter(())
     g = torch.Generator().manual_seed(0)
-
-    def bare():
-        opt_ours.zero_grad(set_to_none=True)
-        F.mse_loss(ours(x, sigma, context, pooled), target).backward()
-        opt_ours.step()
 
     def diffusers_loop():
         nonlocal data
@@ -82,7 +72,7 @@ def loops(shards: Path, depth: int, batch: int):
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt_ref.step()
 
-    return {"bare step (ours)": bare, "diffusers loop": diffusers_loop}
+    return {"bare step (ours)": bare_train_step(depth, batch), "diffusers loop": diffusers_loop}
 
 
 def run(args):
