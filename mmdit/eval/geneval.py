@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, POSITION_THRESHOLD = 0.3, 0.9, 16, 0.1
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -28,6 +32,7 @@ class Detection:
     box: tuple[float, float, float, float]   # x1, y1, x2, y2 in pixels
     score: float
     color: str | None = None                 # filled by a colour classifier when a clause asks for one
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)   # (H, W) bool, where segmented
 
 
 def read_metadata(path) -> list[dict]:
@@ -153,6 +158,53 @@ def summarize(results: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Scoring a folder
+
+
+def result_line(image: Path, metadata: dict, detections: dict, correct: bool, reasons: list[str]) -> dict:
+    """One line of GenEval's results.jsonl (evaluate_images.py: metadata and details are JSON strings)."""
+    return {"filename": str(image), "tag": metadata["tag"], "prompt": metadata["prompt"], "correct": bool(correct),
+            "reason": "\n".join(reasons), "metadata": json.dumps(metadata),
+            "details": json.dumps({cls: [[*d.box, d.score] for d in found] for cls, found in detections.items()})}
+
+
+def score(outdir, detector, results, colors=None, rank: int = 0, world_size: int = 1) -> Path | None:
+    """Judge every image of a GenEval folder: detector(image) -> detections, colors(image, class, objects) ->
+    colour names (default: each detection's own `color`). Writes results (JSON lines, sorted by file name) and
+    returns its path; under several processes each writes its every world_size-th image to a part, and the last
+    one to finish joins the parts (the same file one process writes)."""
+    from PIL import Image
+
+    results = Path(results)
+    lines = []
+    for n, (path, metadata) in enumerate(read_layout(outdir)):
+        if n % world_size != rank:
+            continue
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        found = keep_detections(detector(image), metadata["tag"])
+        classify = (lambda cls, objs: colors(image, cls, objs)) if colors else None
+        correct, reasons = judge(metadata, found, classify)
+        lines.append(result_line(path, metadata, found, correct, reasons))
+    if world_size == 1:
+        _write_lines(results, lines)
+        return results
+    _write_lines(results.with_name(f"{results.name}.part{rank}of{world_size}"), lines)
+    parts = [results.with_name(f"{results.name}.part{r}of{world_size}") for r in range(world_size)]
+    if not all(p.is_file() for p in parts):
+        return None
+    joined = [json.loads(line) for p in parts for line in p.read_text().splitlines() if line.strip()]
+    _write_lines(results, sorted(joined, key=lambda r: r["filename"]))
+    return results
+
+
+def _write_lines(path: Path, lines: list[dict]):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Generating in GenEval's layout, and the command line
 
 
@@ -213,8 +265,6 @@ def print_summary(summary: dict):
 
 def main(argv=None):
     import argparse
-    import os
-    import sys
 
     p = argparse.ArgumentParser(prog="python -m mmdit.eval.geneval", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -235,6 +285,18 @@ def main(argv=None):
     g.add_argument("--max-sequence-length", type=int, default=77)
     g.add_argument("--t5-tokenizer", default=None)
     g.add_argument("--overwrite", action="store_true")
+    c = sub.add_parser("score", help="judge a generated folder; writes results.jsonl in GenEval's format")
+    c.add_argument("outdir", help="a folder in GenEval's layout (what `generate` writes)")
+    c.add_argument("--outfile", help="default: OUTDIR/results.jsonl")
+    c.add_argument("--detector", choices=("mask2former", "toy"), default="mask2former")
+    c.add_argument("--detector-model", default=None, help="Mask2Former in transformers' layout (folder or hub id; "
+                   "default facebook/mask2former-swin-small-coco-instance)")
+    c.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name for colours")
+    c.add_argument("--clip-pretrained", default="openai", help="open_clip weights: a tag or a file")
+    c.add_argument("--official", metavar="PATH", help="score with the official evaluator: a djghosh13/geneval "
+                   "checkout, run with --official-python (an environment with mmdet)")
+    c.add_argument("--official-python", default=sys.executable)
+    c.add_argument("--official-model-path", default=None, help="the evaluator's --model-path (default PATH/models)")
     s = sub.add_parser("summary", help="per-task and overall scores of a results.jsonl")
     s.add_argument("results")
     s.add_argument("--json", help="also write the summary here")
@@ -250,10 +312,34 @@ def main(argv=None):
             return
         import torch
 
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.command == "score":
+            from mmdit.eval.detectors import MASK2FORMER_ID, ClipColors, Mask2FormerDetector, run_official
+
+            outfile = Path(args.outfile or Path(args.outdir) / "results.jsonl")
+            if not read_layout(args.outdir):
+                raise ValueError(f"{args.outdir} holds no images in GenEval's layout (NNNNN/samples/NNNN.png)")
+            if args.official:
+                if rank == 0:
+                    run_official(args.outdir, outfile, args.official, args.official_python, args.official_model_path)
+                    print(f"official results in {outfile}")
+                return
+            if args.detector == "toy":
+                from mmdit.eval.toy import ToyDetector
+                detector, colors = ToyDetector(), None
+            else:
+                detector = Mask2FormerDetector(args.detector_model or MASK2FORMER_ID, device)
+                colors = ClipColors.from_open_clip(args.clip_model, args.clip_pretrained, device)
+            written = score(args.outdir, detector, outfile, colors, rank, world_size)
+            if written:
+                print_summary(summarize([json.loads(line) for line in written.read_text().splitlines()]))
+                print(f"results in {written}")
+            return
+
         from mmdit.pipeline import SD3Pipeline, Settings
 
         read_metadata(args.metadata)   # a bad line stops here, before any model loads
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
                                 t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer)
@@ -263,7 +349,7 @@ def main(argv=None):
                   "dtype": str(dtype).replace("torch.", "")}
         made = generate(args.metadata, args.outdir, pipe, settings, samples_per_prompt=args.samples_per_prompt,
                         seed=args.seed, batch_size=args.batch_size, record=record,
-                        rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                        rank=rank, world_size=world_size,
                         overwrite=args.overwrite)
         print(f"{made} images written to {args.outdir}")
     except (ValueError, OSError) as e:
