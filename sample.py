@@ -20,7 +20,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--model", required=True, help="diffusers SD3 pipeline directory or Stability single file")
+    p.add_argument("--model", default=None, help="diffusers SD3 pipeline directory, Stability single file or hub id "
+                   "(default: the bundled toy-world model)")
     p.add_argument("--no-t5", action="store_true", help="leave T5 out (its weights are never read): zeros instead")
     p.add_argument("--negative-prompt", default="", help="default: the empty string, encoded")
     p.add_argument("--steps", type=int, default=28)
@@ -28,11 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, default=None, help="default: the model's scheduler shift (3.0)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=None, help="default: the model's own size (1024 for SD3)")
+    p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--max-sequence-length", type=int, default=77, help="T5 tokens (diffusers' default is 256)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens (default 77, or the tokenizer's model_max_length when shorter; diffusers: 256)")
     p.add_argument("--slg-layers", type=int, nargs="*", default=[], help="skip-layer guidance blocks, e.g. 7 8 9")
     p.add_argument("--slg-scale", type=float, default=2.8)
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
@@ -87,15 +89,20 @@ def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
     for name in ("steps", "batch_size", "num_images", "max_sequence_length"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.shift is not None and args.shift <= 0:
         fail(f"--shift must be > 0, got {args.shift}")
     if not 0 <= args.seed < 2**63 - 2**32:
         fail(f"--seed must lie in [0, 2^63 - 2^32), got {args.seed}")
-    if args.width % 16 or args.height % 16 or args.width <= 0 or args.height <= 0:
+    sizes = [v for v in (args.width, args.height) if v is not None]
+    if any(v % 16 or v <= 0 for v in sizes):
         fail(f"--width and --height must be positive multiples of 16 (the VAE's 8 x the patch size 2), "
              f"got {args.width}x{args.height}")
+    if args.model is None:
+        from mmdit.pipeline import BUNDLED_MODEL
+
+        args.model = str(BUNDLED_MODEL)
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_images))]
     paths = output_paths(args.out, len(jobs))
     check_writable(paths[0])
@@ -123,6 +130,7 @@ def main(argv=None):
         pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
                                 t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer,
                                 allow_pickle=args.allow_pickle, clip_g=args.clip_g)
+        args.width, args.height = args.width or pipe.default_side, args.height or pipe.default_side
         settings = Settings(steps=args.steps, cfg=args.cfg, shift=pipe.shift if args.shift is None else args.shift,
                             sampler=args.sampler,
                             width=args.width, height=args.height, negative_prompt=args.negative_prompt,
@@ -136,7 +144,7 @@ def main(argv=None):
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     record = {**settings_record(settings), "model": str(args.model), "t5": not args.no_t5,
-              "max_sequence_length": args.max_sequence_length, "dtype": str(dtype).replace("torch.", "")}
+              "max_sequence_length": pipe.text.layout.t5_tokens, "dtype": str(dtype).replace("torch.", "")}
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
         bar = lambda steps: tqdm(steps, desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}", leave=False)

@@ -1,5 +1,6 @@
 """Train an MM-DiT with the SD3 paper's recipe on precomputed shards.
 
+    python train.py                       # the toy world (configs/toy.yaml): data, components, shards, model
     python train.py --config configs/tiny.yaml [section.key=value ...] [--resume latest|PATH]
     accelerate launch train.py --config configs/sd3-d24-256.yaml
 
@@ -25,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+HERE = Path(__file__).resolve().parent
+DEFAULT_RECIPE = HERE / "configs" / "toy.yaml"
+
 
 def get_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     """Linear warm-up to base_lr, then constant (the SD3 paper's schedule)."""
@@ -42,7 +46,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a YAML recipe in configs/ (default: the defaults of mmdit/config.py)")
+    p.add_argument("--config", default=str(DEFAULT_RECIPE), help="a YAML recipe in configs/ (default: %(default)s)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 train.steps=1000")
     return p.parse_args(argv)
@@ -51,6 +55,39 @@ def parse_args(argv=None):
 def fail(message: str):
     print(f"train.py: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def prepare_toy(cfg):
+    """The toy world's data, through the real entry points: data/make_toy.py (images and the toy pipeline's
+    components) into data.prepare_dir, then data/precompute.py into data.shards and data.val_shards."""
+    import subprocess
+
+    from mmdit import toy
+
+    def run(*command):
+        print("toy world: " + " ".join(str(c) for c in command), file=sys.stderr)
+        if subprocess.run([sys.executable, *map(str, command)]).returncode != 0:
+            fail(f"preparing the toy world failed at: {command[0]} {command[1]}")
+
+    world = Path(cfg.data.prepare_dir)
+    run(HERE / "data" / "make_toy.py", "world", "--out", world, *cfg.data.prepare_args)
+    for split, shards in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
+        if shards and not (Path(shards) / "manifest.json").is_file():
+            run(HERE / "data" / "precompute.py", "--input", *sorted((world / "images" / split).glob("*.tar")),
+                "--model", world / "pipeline", "--out", shards, "--resolution", toy.SIDE, "--batch-size", 64)
+
+
+def export_pipeline(ema, base: Path, target: Path):
+    """A diffusers pipeline directory: base's VAE, encoders and scheduler with the EMA weights as transformer,
+    written beside and renamed into place."""
+    from mmdit.checkpoint import save_mmdit
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=lambda folder, names: ["transformer"] if Path(folder) == base else [])
+    save_mmdit(ema, tmp / "transformer", "diffusers")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -94,7 +131,9 @@ def sample_grid(ema, conditioning, cfg, side: int):
     from mmdit.pipeline import SD3Pipeline, Settings
 
     text, vae = conditioning
-    pipe = SD3Pipeline(ema, vae, text)
+    scheduler = Path(cfg.train.sample_model) / "scheduler" / "scheduler_config.json"
+    shift = json.loads(scheduler.read_text()).get("shift", 3.0) if scheduler.is_file() else 3.0
+    pipe = SD3Pipeline(ema, vae, text, shift)
     prompts = list(cfg.train.sample_prompts)
     images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=5.0,
                                                                        width=side, height=side))
@@ -126,6 +165,7 @@ def validation_loss(model, batches, layout, cfg, device) -> dict:
 
 
 def main(argv=None):
+    run_started = time.perf_counter()
     args = parse_args(argv)
 
     from mmdit.config import TextLayout, config_to_dict, load_config
@@ -134,6 +174,13 @@ def main(argv=None):
     # ---- configuration: every error here, before any compute ----
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.data.prepare not in ("", "toy"):
+            raise ValueError(f"data.prepare {cfg.data.prepare!r}: accepted: toy, or empty")
+        missing = [s for s in (cfg.data.shards, cfg.data.val_shards) if s and not (Path(s) / "manifest.json").is_file()]
+        if cfg.data.prepare == "toy" and missing:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("the toy world is prepared by one process: run `python train.py` once first")
+            prepare_toy(cfg)
         if not cfg.data.shards:
             raise ValueError("data.shards is empty: give a shard folder (with manifest.json), e.g. "
                              "data.shards=shards/train")
@@ -373,7 +420,11 @@ def main(argv=None):
         save_mmdit(ema, export / "ema_sai.safetensors", "sai")
         if ema.config.frequency_dim == 256 and ema.config.mlp_ratio == 4.0:
             save_mmdit(ema, export / "transformer", "diffusers")
-        print(f"exported the EMA weights to {export}", file=sys.stderr)
+            base = Path(cfg.train.sample_model or "")
+            if cfg.train.sample_model and (base / "model_index.json").is_file():
+                export_pipeline(ema, base, export / "pipeline")   # a whole model: python sample.py --model ...
+        print(f"exported the EMA weights to {export} ({time.perf_counter() - run_started:.0f} s since start)",
+              file=sys.stderr)
     return 0
 
 

@@ -46,7 +46,8 @@ def parse_args(argv=None):
                    "json:caption for --images)")
     p.add_argument("--second-caption", help="a second caption variant, e.g. json:caption_synthetic")
     p.add_argument("--no-t5", action="store_true", help="store no T5 states")
-    p.add_argument("--t5-tokens", type=int, default=77)
+    p.add_argument("--t5-tokens", type=int, default=None,
+                   help="T5 sequence length (default 77, or the tokenizer's model_max_length when shorter)")
     p.add_argument("--t5-tokenizer", help="for Stability single files: T5 tokenizer path or hub id")
     p.add_argument("--dtype", choices=S.DTYPES, default="float16", help="stored tensor type")
     p.add_argument("--compact", action="store_true", help="T5 states as int8 + per-64-channel scales (~half size)")
@@ -194,7 +195,7 @@ def identities_of(args, text, vae):
 
     return {"model": str(args.model), "vae": digest(vae.autoencoder), "clip_l": digest(text.clip_l.model),
             "clip_g": digest(text.clip_g.model), "t5": None if args.no_t5 else digest(text.t5.model),
-            "t5_tokens": None if args.no_t5 else args.t5_tokens, "dtype": args.dtype,
+            "t5_tokens": None if args.no_t5 else text.layout.t5_tokens, "dtype": args.dtype,
             "resolution": args.resolution, "buckets": args.buckets, "compact": args.compact}
 
 

@@ -86,6 +86,10 @@ MODEL_PRESETS: dict[str, MMDiTConfig] = {
     "sd3.5-large": paper_depth(38, pos_embed_max_size=192, qk_norm=True),
     "tiny": _tiny(),
     "tiny-sd3.5": _tiny(qk_norm=True, x_self_attn_layers=(0,)),
+    # The toy world's model (configs/toy.yaml): SD3.5's design (heads of 64, QK norm) at a width a CPU trains in
+    # minutes; its text widths are the toy encoders' (T5 256, pooled CLIP-L 32 + CLIP-G 32).
+    "toy": MMDiTConfig(depth=6, num_heads=2, head_dim=64, context_dim=256, pooled_dim=64, pos_embed_max_size=16,
+                       qk_norm=True),
 }
 # The paper's scaling family d = 2..38 (d=24 is SD3 Medium's shape, d=38 the 8B).
 MODEL_PRESETS.update({f"d{d}": paper_depth(d) for d in range(2, 40, 2)})
@@ -167,6 +171,9 @@ class DataSection:
     shuffle_buffer: int = 1000
     resampled: bool = False              # endless shard resampling (multi-node) instead of exact epochs
     caption_variant_probs: tuple[float, ...] = (0.5, 0.5)   # the paper's original / synthetic caption mix
+    prepare: str = ""                    # "toy": when the shards are missing, build the toy world into prepare_dir
+    prepare_dir: str = ""                # and precompute shards and val_shards from it (configs/toy.yaml)
+    prepare_args: tuple[str, ...] = ()   # extra arguments of `data/make_toy.py world`, e.g. ["--vae-steps", "10"]
 
 
 @dataclass(frozen=True)

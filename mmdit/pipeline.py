@@ -5,7 +5,8 @@ of image i is torch.randn((1, C, H/f, W/f)) from a CPU generator seeded with see
 which is what diffusers draws when given generator=[torch.Generator().manual_seed(s) for s in seeds]; the schedule,
 the Euler step, CFG over an [uncond, cond] batch and skip-layer guidance are the same; the negative prompt is the
 encoded empty string. Differences by design: the sampler state stays fp32 between steps (diffusers rounds it to the
-model dtype), and T5 is padded to 77 tokens by default (Stability's reference; diffusers uses 256).
+model dtype), and T5 is padded to 77 tokens by default (Stability's reference; diffusers uses 256), or to its
+tokenizer's model_max_length when that is shorter (a small model such as the toy world's).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mmdit.text import (TextEncoders, clip_from_state, clip_tokenizer_from_open_
                         open_clip_text_to_transformers, t5_from_state)
 from mmdit.vae import VAE, load_diffusers_vae, to_ldm, vae_from_ldm_state
 
+BUNDLED_MODEL = Path(__file__).resolve().parent / "toy_pipeline"   # the toy world's model (data/make_toy.py)
 ACCEPTED_MODELS = ("a diffusers SD3 pipeline directory (model_index.json with transformer/, vae/, text_encoder*/, "
                    "tokenizer*/) or a Stability single file (*.safetensors with model.diffusion_model.* and "
                    "first_stage_model.* keys; text encoders inside it as text_encoders.*, or beside it as "
@@ -45,7 +47,7 @@ class Settings:
     cfg: float = 7.0
     shift: float | None = None          # None: the model's scheduler shift (3.0 for every released SD3 / SD3.5)
     sampler: str = "euler"
-    width: int = 1024
+    width: int = 1024                   # sample.py and the GenEval generator default to the model's default_side
     height: int = 1024
     negative_prompt: str = ""
     slg_layers: tuple[int, ...] = ()    # skip-layer guidance (SD3.5 Medium: 7, 8, 9); empty = off
@@ -62,7 +64,7 @@ class SD3Pipeline:
 
     @classmethod
     def load(cls, path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32, device="cpu",
-             t5_tokens: int = 77, t5_tokenizer: str | None = None, allow_pickle: bool = False,
+             t5_tokens: int | None = None, t5_tokenizer: str | None = None, allow_pickle: bool = False,
              clip_g: str | None = None) -> "SD3Pipeline":
         """A diffusers pipeline directory or a Stability single file (see ACCEPTED_MODELS), or a hub id of a
         diffusers SD3 repository when the hub can be reached. clip_g: a safetensors file that replaces CLIP-G, in
@@ -118,6 +120,12 @@ class SD3Pipeline:
     def dtype(self) -> torch.dtype:
         return self.transformer.context_embedder.weight.dtype
 
+    @property
+    def default_side(self) -> int:
+        """The image side the model was made for: its VAE's sample_size (1024 for the released SD3 / SD3.5, 64
+        for the toy world), which is what diffusers' pipeline defaults to through its transformer's config."""
+        return int(self.vae.autoencoder.config.sample_size)
+
     def check_size(self, width: int, height: int):
         cfg = self.transformer.config
         multiple = self.vae.downsample * cfg.patch_size
@@ -165,7 +173,8 @@ class SD3Pipeline:
         return ((images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def load_conditioning(path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32, t5_tokens: int = 77,
+def load_conditioning(path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32,
+                      t5_tokens: int | None = None,
                       t5_tokenizer: str | None = None) -> tuple[TextEncoders, VAE]:
     """The text encoders and VAE of a model, without its MM-DiT: what precomputing training data needs."""
     path = resolve_model(path, no_t5)
@@ -179,6 +188,21 @@ def load_conditioning(path, *, no_t5: bool = False, dtype: torch.dtype = torch.f
         return (_single_file_text_encoders(path, no_t5, dtype, t5_tokens, t5_tokenizer),
                 vae_from_ldm_state(vae_state, dtype))
     raise CheckpointError(f"model {path} does not exist or is not a recognised layout; accepted: {ACCEPTED_MODELS}")
+
+
+def weights_digest(path) -> str:
+    """sha256 of the MM-DiT's weights (a pipeline's transformer/*.safetensors, or the single file): what a score
+    or an image was made with. Reads every byte: about a minute for SD3.5 Large's 16 GB."""
+    import hashlib
+
+    path = Path(path)
+    files = sorted((path / "transformer").glob("*.safetensors")) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_model(path, no_t5: bool = False) -> Path:
@@ -253,7 +277,7 @@ def _encoder_state(path: Path, role: str) -> dict:
     return read_safetensors(beside, "")[0]
 
 
-def _single_file_text_encoders(path: Path, no_t5: bool, dtype, t5_tokens: int, t5_tokenizer: str | None,
+def _single_file_text_encoders(path: Path, no_t5: bool, dtype, t5_tokens: int | None, t5_tokenizer: str | None,
                                context_dim: int | None = None) -> TextEncoders:
     clip_tokenizer = clip_tokenizer_from_open_clip()
     encoders = {}
@@ -274,7 +298,7 @@ def _single_file_text_encoders(path: Path, no_t5: bool, dtype, t5_tokens: int, t
         t5 = t5_from_state(state, AutoTokenizer.from_pretrained(t5_tokenizer or T5_TOKENIZER_HUB_ID), dtype)
     width = t5.width if t5 else context_dim or TextLayout().context_dim
     layout = TextLayout(clip_l_dim=encoders["clip_l"].width, clip_g_dim=encoders["clip_g"].width,
-                        context_dim=width, t5_tokens=t5_tokens)
+                        context_dim=width, t5_tokens=t5_tokens or 77)
     return TextEncoders(layout, encoders["clip_l"], encoders["clip_g"], t5)
 
 

@@ -310,11 +310,24 @@ def t5_from_state(state: dict, tokenizer, dtype: torch.dtype = torch.float32) ->
     return T5Encoder(model.to(t5_dtype(dtype)).eval().requires_grad_(False), tokenizer)
 
 
+def tokenizer_max_length(folder, default: int = 77) -> int:
+    """min(default, the tokenizer's declared model_max_length): a released SD3's CLIP tokenizers say 77 and its T5
+    tokenizer 512, so they get 77 (Stability's reference length); a small model that declares fewer tokens (the
+    toy world) is padded to its own length, as diffusers pads CLIP to tokenizer.model_max_length."""
+    import json
+    from pathlib import Path
+
+    config = Path(folder) / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+    return min(default, int(declared)) if isinstance(declared, (int, float)) and declared > 0 else default
+
+
 def load_diffusers_text_encoders(path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32,
-                                 t5_tokens: int = 77, context_dim: int | None = None,
+                                 t5_tokens: int | None = None, context_dim: int | None = None,
                                  allow_pickle: bool = False) -> TextEncoders:
     """The encoders of a diffusers SD3 pipeline directory (text_encoder*, tokenizer*). With no_t5, T5's weights
-    are never read; context_dim (the transformer's) then sets the width of its zeros."""
+    are never read; context_dim (the transformer's) then sets the width of its zeros. t5_tokens None: 77, or
+    tokenizer_3's model_max_length when shorter (tokenizer_max_length); CLIP likewise from tokenizer/."""
     from pathlib import Path
 
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
@@ -337,5 +350,7 @@ def load_diffusers_text_encoders(path, *, no_t5: bool = False, dtype: torch.dtyp
                                                use_safetensors=not allow_pickle or None)
         t5 = T5Encoder(model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(path / "tokenizer_3"))
     width = t5.width if t5 else context_dim or TextLayout().context_dim
-    layout = TextLayout(clip_l_dim=clip_l.width, clip_g_dim=clip_g.width, context_dim=width, t5_tokens=t5_tokens)
+    t5_tokens = t5_tokens or tokenizer_max_length(path / "tokenizer_3")
+    layout = TextLayout(clip_l_dim=clip_l.width, clip_g_dim=clip_g.width, context_dim=width, t5_tokens=t5_tokens,
+                        clip_tokens=tokenizer_max_length(path / "tokenizer"))
     return TextEncoders(layout, clip_l, clip_g, t5)

@@ -95,7 +95,8 @@ def autoencoder_config_from_ldm(state: dict[str, torch.Tensor]) -> dict:
         block_out_channels=tuple(channels), layers_per_block=per_level,
         latent_channels=state["decoder.conv_in.weight"].shape[1], norm_num_groups=32,
         use_quant_conv="quant_conv.weight" in state, use_post_quant_conv="post_quant_conv.weight" in state,
-        scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR)
+        scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR,
+        sample_size=1024)   # every Stability SD3 / SD3.5 file is made for 1024^2 (diffusers' config says so)
 
 
 def vae_from_ldm_state(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> VAE:

@@ -157,6 +157,11 @@ def test_generate_layout_resume_determinism_and_ranks(pipe, tmp_path):
     assert pngs(tmp_path / "b") == first
     made = [run_generate(pipe, tmp_path, tmp_path / "c", rank=r, world_size=2) for r in (0, 1)]
     assert made == [4, 2] and pngs(tmp_path / "c") == first
+    # an optional grid per prompt, which the evaluator's reader ignores
+    run_generate(pipe, tmp_path, tmp_path / "a", grid=True)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "a" / "00001" / "grid.png").size == (64, 32) and len(read_layout(tmp_path / "a")) == 6
 
 
 def test_generate_refuses_another_runs_folder(pipe, tmp_path):
@@ -181,3 +186,16 @@ def test_summary_command(tmp_path, capsys):
     main(["summary", str(tmp_path / "results.jsonl"), "--json", str(tmp_path / "s.json")])
     assert "overall        0.5000" in capsys.readouterr().out
     assert json.loads((tmp_path / "s.json").read_text())["overall"] == 0.5
+
+
+def test_summary_of_held_out_prompts_only(tmp_path, capsys):
+    from mmdit.eval.geneval import main
+
+    rows = [{"tag": "colors", "metadata": json.dumps({"prompt": "a", "held_out": True}), "correct": True},
+            {"tag": "colors", "metadata": json.dumps({"prompt": "b", "held_out": False}), "correct": False},
+            {"tag": "colors", "metadata": json.dumps({"prompt": "c"}), "correct": False}]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["summary", str(tmp_path / "results.jsonl"), "--only", "held_out", "--json", str(tmp_path / "h.json")])
+    assert json.loads((tmp_path / "h.json").read_text())["images"] == 1
+    main(["summary", str(tmp_path / "results.jsonl"), "--only", "seen", "--json", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text())["overall"] == 0.0

@@ -215,10 +215,11 @@ def image_seed(seed: int, prompt_index: int, sample_index: int, samples_per_prom
 
 def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int = 4, seed: int = 42,
              batch_size: int = 4, record: dict | None = None, rank: int = 0, world_size: int = 1,
-             overwrite: bool = False) -> int:
+             overwrite: bool = False, grid: bool = False) -> int:
     """Write DIR/NNNNN/metadata.jsonl and DIR/NNNNN/samples/NNNN.png for every prompt (this rank's: every
     world_size-th), skipping images already there; DIR/config.json records every setting and refuses a rerun with
-    other settings unless overwrite. Returns the number of images made."""
+    other settings unless overwrite; with grid, DIR/NNNNN/grid.png shows a prompt's samples side by side (the
+    evaluator ignores it). Returns the number of images made."""
     from mmdit.pipeline import save_png, settings_record
 
     entries = read_metadata(metadata_path)
@@ -236,10 +237,11 @@ def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int =
     outdir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    jobs = []
+    jobs, folders = [], []
     for i, entry in enumerate(entries):
         if i % world_size != rank:
             continue
+        folders.append(outdir / f"{i:05d}")
         folder = outdir / f"{i:05d}"
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(entry) + "\n")
@@ -252,6 +254,14 @@ def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int =
         images = pipe.generate([p for p, _, _ in batch], [s for _, s, _ in batch], settings)
         for (prompt, s, path), image in zip(batch, images):
             save_png(image, path, {"prompt": prompt, "seed": s, **config})
+    if grid:
+        from PIL import Image
+
+        for folder in folders:
+            samples = [np.asarray(Image.open(folder / "samples" / f"{j:04d}.png").convert("RGB"))
+                       for j in range(samples_per_prompt)]
+            prompt = entries[int(folder.name)]["prompt"]
+            save_png(np.concatenate(samples, axis=1), folder / "grid.png", {"prompt": prompt})
     return len(jobs)
 
 
@@ -271,7 +281,7 @@ def main(argv=None):
     g = sub.add_parser("generate", help="images in GenEval's folder layout")
     g.add_argument("--metadata", required=True)
     g.add_argument("--outdir", required=True)
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", default=None, help="as sample.py (default: the bundled toy-world model)")
     g.add_argument("--samples-per-prompt", type=int, default=4)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--batch-size", type=int, default=4)
@@ -280,11 +290,13 @@ def main(argv=None):
     g.add_argument("--cfg", type=float, default=7.0)
     g.add_argument("--shift", type=float, default=None)
     g.add_argument("--sampler", default="euler")
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--height", type=int, default=512)
-    g.add_argument("--max-sequence-length", type=int, default=77)
+    g.add_argument("--width", type=int, default=None, help="default: the model's own size (the SD3 paper's "
+                   "Table 5 used 512 and 1024)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (as sample.py)")
     g.add_argument("--t5-tokenizer", default=None)
     g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--grid", action="store_true", help="also DIR/NNNNN/grid.png: each prompt's samples in a row")
     c = sub.add_parser("score", help="judge a generated folder; writes results.jsonl in GenEval's format")
     c.add_argument("outdir", help="a folder in GenEval's layout (what `generate` writes)")
     c.add_argument("--outfile", help="default: OUTDIR/results.jsonl")
@@ -300,11 +312,21 @@ def main(argv=None):
     s = sub.add_parser("summary", help="per-task and overall scores of a results.jsonl")
     s.add_argument("results")
     s.add_argument("--json", help="also write the summary here")
+    s.add_argument("--only", choices=("held_out", "seen"), help="prompts whose metadata marks them held out of "
+                   "training (\"held_out\": true, as the toy prompt file does), or the others")
     args = p.parse_args(argv)
 
     try:
         if args.command == "summary":
             results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+            if args.only:
+                def held_out(r):
+                    meta = json.loads(r["metadata"]) if isinstance(r["metadata"], str) else r["metadata"]
+                    return bool(meta.get("held_out", False))
+
+                results = [r for r in results if held_out(r) == (args.only == "held_out")]
+                if not results:
+                    raise ValueError(f"no results in {args.results} are marked {args.only}")
             summary = summarize(results)
             print_summary(summary)
             if args.json:
@@ -313,7 +335,8 @@ def main(argv=None):
         import torch
 
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # under accelerate launch each process has its own GPU (LOCAL_RANK)
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         if args.command == "score":
             from mmdit.eval.detectors import MASK2FORMER_ID, ClipColors, Mask2FormerDetector, run_official
 
@@ -337,20 +360,26 @@ def main(argv=None):
                 print(f"results in {written}")
             return
 
-        from mmdit.pipeline import SD3Pipeline, Settings
+        from mmdit.pipeline import SD3Pipeline, Settings, resolve_model, weights_digest
 
         read_metadata(args.metadata)   # a bad line stops here, before any model loads
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if args.model is None:
+            from mmdit.pipeline import BUNDLED_MODEL
+
+            args.model = str(BUNDLED_MODEL)
         pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
                                 t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer)
         settings = Settings(steps=args.steps, cfg=args.cfg, shift=pipe.shift if args.shift is None else args.shift,
-                            sampler=args.sampler, width=args.width, height=args.height)
-        record = {"model": str(args.model), "t5": not args.no_t5, "max_sequence_length": args.max_sequence_length,
+                            sampler=args.sampler, width=args.width or pipe.default_side,
+                            height=args.height or pipe.default_side)
+        pipe.check_size(settings.width, settings.height)
+        record = {"model": str(args.model), "model_sha256": weights_digest(resolve_model(args.model, args.no_t5)),
+                  "t5": not args.no_t5, "max_sequence_length": pipe.text.layout.t5_tokens,
                   "dtype": str(dtype).replace("torch.", "")}
         made = generate(args.metadata, args.outdir, pipe, settings, samples_per_prompt=args.samples_per_prompt,
                         seed=args.seed, batch_size=args.batch_size, record=record,
-                        rank=rank, world_size=world_size,
-                        overwrite=args.overwrite)
+                        rank=rank, world_size=world_size, overwrite=args.overwrite, grid=args.grid)
         print(f"{made} images written to {args.outdir}")
     except (ValueError, OSError) as e:
         print(f"geneval: error: {str(e).splitlines()[0]}", file=sys.stderr)

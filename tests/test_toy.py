@@ -1,0 +1,201 @@
+"""The toy world: its data generator, held-out set and prompt file, its detector, its pipeline's formats, the
+recipe end to end through train.py, sample.py and the GenEval judge, and the bundled default model."""
+
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmdit import toy
+from mmdit.eval.geneval import judge, keep_detections, read_metadata, summarize
+from mmdit.eval.toy import ToyDetector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_entry_point(name):
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_")[:-3], ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dataset_is_deterministic_in_img2dataset_layout(tmp_path):
+    a = toy.write_dataset(tmp_path / "a", 50, seed=3, per_shard=20)
+    b = toy.write_dataset(tmp_path / "b", 50, seed=3, per_shard=20)
+    c = toy.write_dataset(tmp_path / "c", 50, seed=4, per_shard=20)
+    assert [p.name for p in a] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    assert a[0].read_bytes() != c[0].read_bytes()
+    import tarfile
+
+    with tarfile.open(a[2]) as tar:
+        names = tar.getnames()
+    assert names[:3] == ["000000040.png", "000000040.txt", "000000040.json"] and len(names) == 30
+
+
+def test_detector_reads_back_every_training_image(tmp_path):
+    """Captions match images, and the detector is right on every clean image (which also validates it)."""
+    paths = toy.write_dataset(tmp_path, 400, seed=0, per_shard=200)
+    detector = ToyDetector()
+    tasks = Counter()
+    for image, record in toy.read_dataset(paths):
+        found = detector(Image.fromarray(image))
+        got = Counter((shape, d.color) for shape, ds in found.items() for d in ds)
+        assert got == Counter((o["shape"], o["color"]) for o in record["objects"]), record["caption"]
+        meta = record["metadata"]
+        correct, reasons = judge(meta, keep_detections(found, meta["tag"]))
+        assert correct, (record["caption"], reasons)
+        tasks[record["task"]] += 1
+    assert set(tasks) == set(toy.TASK_WEIGHTS)
+
+
+def test_detector_rejects_what_a_caption_does_not_show():
+    red_circle = [toy.ToyObject("circle", "red", 20, 30, 6)]
+    found = ToyDetector()(Image.fromarray(toy.render(red_circle)))
+    for prompt, ok in [("a photo of a red circle", True), ("a photo of a blue circle", False),
+                       ("a photo of a red square", False), ("a photo of two circles", False)]:
+        meta = next(p for p in toy.evaluation_prompts() if p["prompt"] == prompt)
+        assert judge(meta, keep_detections(found, meta["tag"]))[0] == ok, prompt
+    # position: the circle is left of a square placed to its right, not above it
+    scene = red_circle + [toy.ToyObject("square", "blue", 45, 31, 6)]
+    found = ToyDetector()(Image.fromarray(toy.render(scene)))
+    left = next(p for p in toy.evaluation_prompts() if p["prompt"] == "a photo of a circle left of a square")
+    above = next(p for p in toy.evaluation_prompts() if p["prompt"] == "a photo of a circle above a square")
+    assert judge(left, keep_detections(found, "position"))[0] and not judge(above, found)[0]
+    assert ToyDetector()(Image.new("RGB", (64, 64), toy.BACKGROUND)) == {}
+
+
+def test_held_out_combinations_never_reach_training():
+    rng = np.random.default_rng(1)
+    captions, drawn, counts = set(), set(), set()
+    for i in range(3000):
+        task = list(toy.TASK_WEIGHTS)[i % 5]
+        objects, caption, meta = toy.sample_scene(rng, task)
+        captions.add(caption)
+        drawn |= {(o.color, o.shape) for o in objects}
+        if task == "counting":
+            counts.add((len(objects), objects[0].shape))
+    prompts = toy.evaluation_prompts()
+    held = [p for p in prompts if p["held_out"]]
+    assert not {p["prompt"] for p in held} & captions
+    assert not drawn & toy.HELD_OUT_COLORS and len(drawn) == 30 - len(toy.HELD_OUT_COLORS)
+    assert not counts & toy.HELD_OUT_COUNTS
+    # every seen prompt of the small tasks is a training caption
+    small = [p for p in prompts if not p["held_out"] and p["tag"] != "color_attr"]
+    assert {p["prompt"] for p in small} <= captions
+    assert {p["tag"] for p in held} == {"single_object", "two_object", "counting", "colors", "position",
+                                        "color_attr"}
+
+
+def test_shipped_prompt_file_is_genevals_format_and_current(tmp_path):
+    shipped = ROOT / "data" / "toy_geneval.jsonl"
+    entries = read_metadata(shipped)
+    assert entries == toy.evaluation_prompts()
+    for e in entries:
+        assert {c["class"] for c in e["include"]} <= set(toy.SHAPES)
+        assert all(c.get("color", "red") in toy.COLORS for c in e["include"])
+    counting = next(e for e in entries if e["prompt"] == "a photo of three squares")
+    assert counting["include"] == [{"class": "square", "count": 3}]
+    assert counting["exclude"] == [{"class": "square", "count": 4}]
+
+
+@pytest.fixture(scope="module")
+def toy_pipeline(tmp_path_factory):
+    """A toy pipeline as data/make_toy.py builds it, with a VAE trained for a few steps only."""
+    from mmdit.tiny import save_toy_pipeline
+
+    rng = np.random.default_rng(0)
+    images = np.stack([toy.render(toy.sample_scene(rng, "colors")[0]) for _ in range(8)])
+    return save_toy_pipeline(tmp_path_factory.mktemp("toy") / "pipeline", images, toy.caption_corpus(n=200),
+                             vae_steps=3)
+
+
+def test_toy_pipeline_loads_as_any_diffusers_pipeline(toy_pipeline):
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmdit.pipeline import SD3Pipeline, Settings
+
+    ours = SD3Pipeline.load(toy_pipeline)
+    assert ours.default_side == 64 and ours.shift == 1.0
+    assert (ours.text.layout.clip_tokens, ours.text.layout.t5_tokens) == (12, 12)
+    config = json.loads((toy_pipeline / "vae" / "config.json").read_text())
+    assert config["latent_channels"] == 16 and config["scaling_factor"] != 1.0   # factors measured on the data
+    prompt = "a photo of a purple triangle and a white circle"   # the longest caption shape: no truncation
+    assert len(ours.text.t5.tokenizer(prompt)["input_ids"]) <= 12
+    image = ours.generate([prompt], [0], Settings(steps=3, cfg=5.0, width=64, height=64))[0]
+    ref = StableDiffusion3Pipeline.from_pretrained(toy_pipeline)
+    theirs = ref(prompt, num_inference_steps=3, guidance_scale=5.0, width=64, height=64, output_type="np",
+                 max_sequence_length=12, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs(image / 255.0 - theirs).mean() < 0.5 / 255
+
+
+def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
+    """train.py prepares the toy world itself (make_toy, precompute), trains and exports a pipeline; sample.py
+    draws from it; the GenEval generator, toy judge and summary score it; the float16 bundle changes nothing."""
+    train, sample = load_entry_point("train.py"), load_entry_point("sample.py")
+    run = tmp_path / "run"
+    world_args = '["--train-samples","64","--val-samples","16","--vae-steps","3","--vae-images","16"]'
+    assert train.main([f"data.prepare_dir={tmp_path / 'world'}", f"data.shards={tmp_path / 'shards/train'}",
+                       f"data.val_shards={tmp_path / 'shards/val'}", f"data.prepare_args={world_args}",
+                       "train.steps=4", f"train.out_dir={run}", f"train.sample_model={tmp_path / 'world/pipeline'}",
+                       "train.val_every=4", "train.log_every=2", "train.sample_steps=2", "data.shuffle_buffer=8",
+                       "data.num_workers=0", "data.batch_size=8"]) == 0
+    manifest = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
+    assert manifest["samples"] == 64 and manifest["identities"]["t5_tokens"] == 12
+    exported = run / "export" / "pipeline"
+    sample.main(["--model", str(exported), "--prompt", "a photo of a red circle", "--steps", "2",
+                 "--out", str(tmp_path / "a.png")])
+    sample.main(["--model", str(exported), "--prompt", "a photo of a red circle", "--steps", "2", "--no-t5",
+                 "--out", str(tmp_path / "b.png")])
+    assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
+
+    from mmdit.eval.geneval import main as geneval
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in toy.evaluation_prompts()[:4]))
+    out = tmp_path / "geneval"
+    geneval(["generate", "--metadata", str(prompts), "--outdir", str(out), "--model", str(exported),
+             "--samples-per-prompt", "2", "--steps", "2"])
+    assert json.loads((out / "config.json").read_text())["width"] == 64
+    geneval(["score", str(out), "--detector", "toy"])
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 8 and summarize(results)["images"] == 8
+    geneval(["summary", str(out / "results.jsonl")])
+    assert "overall" in capsys.readouterr().out
+
+    make_toy = load_entry_point("data/make_toy.py")
+    make_toy.main(["bundle", str(exported), "--to", str(tmp_path / "bundled")])
+    sample.main(["--model", str(tmp_path / "bundled"), "--prompt", "a photo of a red circle", "--steps", "2",
+                 "--out", str(tmp_path / "c.png")])
+    a, c = (np.asarray(Image.open(tmp_path / f), dtype=float) for f in ("a.png", "c.png"))
+    assert np.abs(a - c).mean() < 1.0   # float16 storage moves pixels by less than one level on average
+
+
+def test_the_bundled_model_is_the_default_and_small(tmp_path):
+    from mmdit.pipeline import BUNDLED_MODEL
+
+    size = sum(f.stat().st_size for f in BUNDLED_MODEL.rglob("*") if f.is_file())
+    assert (BUNDLED_MODEL / "model_index.json").is_file() and size < 20 * 2**20
+    sample = load_entry_point("sample.py")
+    sample.main(["--prompt", "a photo of a red circle left of a blue square", "--out", str(tmp_path / "a.png")])
+    sample.main(["--prompt", "a photo of a red circle left of a blue square", "--no-t5",
+                 "--out", str(tmp_path / "b.png")])
+    assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    make_toy = load_entry_point("data/make_toy.py")
+    with pytest.raises(SystemExit) as e:
+        make_toy.main(["bundle", str(tmp_path), "--to", str(tmp_path / "out")])
+    assert e.value.code == 2 and "is not a diffusers pipeline directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    train = load_entry_point("train.py")
+    with pytest.raises(SystemExit) as e:
+        train.main(["data.prepare=imagenet", f"train.out_dir={tmp_path / 'run'}"])
+    assert e.value.code == 2 and "data.prepare 'imagenet': accepted: toy" in capsys.readouterr().err
