@@ -80,11 +80,9 @@ def make_world(args):
 
 
 def bundle(args):
-    """float16 copy of every weight file (the toy's results do not change: tested), CLIP tokenizers as vocab.json +
-    merges.txt, other files as they are."""
+    """float16 copy of every weight file (the toy's results do not change: tested), other files as they are (the
+    CLIP tokenizers are already vocab.json + merges.txt: save_toy_pipeline stores them so)."""
     from safetensors.torch import load_file, save_file
-
-    from mmdit.tiny import slim_clip_tokenizer
 
     source, target = Path(args.pipeline), Path(args.to)
     if not (source / "model_index.json").is_file():
@@ -95,8 +93,6 @@ def bundle(args):
     for f in tmp.rglob("*.safetensors"):
         state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}
         save_file(state, f, metadata={"format": "pt"})
-    for folder in ("tokenizer", "tokenizer_2"):
-        slim_clip_tokenizer(tmp / folder)
     for f in tmp.rglob("config.json"):   # diffusers records the dtype it saved in; keep it truthful
         config = json.loads(f.read_text())
         if "torch_dtype" in config:

@@ -127,7 +127,7 @@ class ClipColors:
         return [COLORS[i] for i in (features @ self._classifier(cls)).argmax(1).tolist()]
 
 
-def run_official(outdir, results, checkout, python: str = sys.executable, model_path=None, options=()) -> Path:
+def run_official(outdir, results, checkout, python: str = sys.executable, model_path=None) -> Path:
     """Score with djghosh13/geneval's own evaluator (in the environment of `python`, which has mmdet); the
     results are written to a temporary name and renamed once the evaluator succeeded and they read back."""
     checkout, results = Path(checkout), Path(results)
@@ -137,8 +137,6 @@ def run_official(outdir, results, checkout, python: str = sys.executable, model_
     tmp = results.with_name(f".{results.name}.tmp")
     command = [python, str(script), str(outdir), "--outfile", str(tmp),
                "--model-path", str(model_path or checkout / "models")]
-    if options:
-        command += ["--options", *options]
     done = subprocess.run(command, cwd=checkout, env=os.environ.copy())
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
