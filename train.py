@@ -30,9 +30,13 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_RECIPE = HERE / "configs" / "toy.yaml"
 
 
-def get_lr(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up to base_lr, then constant (the SD3 paper's schedule)."""
-    return base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0, total_steps: int = 0) -> float:
+    """Linear warm-up to base_lr, then constant (the SD3 paper's schedule); with cooldown_steps, a linear decay to
+    zero over the last cooldown_steps of total_steps. A function of the step alone, so resuming needs no state."""
+    lr = base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
+    if cooldown_steps > 0:
+        lr *= min(1.0, max(0, total_steps - step) / min(cooldown_steps, total_steps))
+    return lr
 
 
 @torch.no_grad()
@@ -326,7 +330,8 @@ def main(argv=None):
                                    keep=keep, device=device)
 
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, cfg.optim.lr, cfg.optim.warmup_steps)
+            group["lr"] = get_lr(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.cooldown_steps,
+                                 cfg.train.steps)
         with autocast:
             pred = model(flow.interpolate(x0, noise, sigma), sigma, context, pooled)
         loss = flow.flow_loss(pred, x0, noise, sigma, cfg.flow.loss_weighting)

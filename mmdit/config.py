@@ -191,6 +191,8 @@ class OptimSection:
     weight_decay: float = 0.0
     eps: float = 1e-8
     warmup_steps: int = 1000             # linear warm-up, then constant (the paper's schedule)
+    cooldown_steps: int = 0              # then a linear decay to zero over the run's last N steps (0: none; a run
+                                         # shorter than N decays all along): warmup-stable-decay
     grad_clip: float = 1.0
     grad_accum: int = 1
 
@@ -280,6 +282,8 @@ def config_from_dict(d: dict) -> Config:
     for name in ("drop_clip_l", "drop_clip_g", "drop_t5"):
         if not 0 <= getattr(config.text, name) <= 1:
             raise ValueError(f"text.{name} must lie in [0, 1], got {getattr(config.text, name)}")
+    if config.optim.cooldown_steps < 0:
+        raise ValueError(f"optim.cooldown_steps must be >= 0, got {config.optim.cooldown_steps}")
     return config
 
 

@@ -103,6 +103,7 @@ def test_validation_is_deterministic_and_ema_is_the_formula(shards, tmp_path):
 @pytest.mark.parametrize("extra,match", [
     (["optim.lrr=1"], "unknown config key optim.lrr"),
     (["data.shards=/nonexistent/shards"], "cannot read shard manifest"),
+    (["optim.cooldown_steps=-1"], "optim.cooldown_steps must be >= 0"),
 ])
 def test_bad_recipe_fails_before_compute(shards, tmp_path, capsys, extra, match):
     with pytest.raises(SystemExit) as err:
@@ -270,3 +271,13 @@ def test_finetune_an_sd3_pipeline_and_load_the_export_in_diffusers(tiny_pipeline
     image = pipe("a photo of a red circle", num_inference_steps=2, width=32, height=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_learning_rate_schedule():
+    """Warm-up, constant, then (with a cool-down) a linear decay that reaches base / cooldown on the last step."""
+    lr = [train_cli.get_lr(s, 1.0, 10, 20, 100) for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == lr[79] == 1.0
+    assert lr[80] == 1.0 and lr[90] == pytest.approx(0.5) and lr[99] == pytest.approx(1 / 20)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
+    assert [train_cli.get_lr(s, 1.0, 10) for s in (9, 99, 10**6)] == [1.0, 1.0, 1.0]   # no cool-down: constant
+    assert train_cli.get_lr(2, 1.0, 1, 1000, 4) == pytest.approx(0.5)   # shorter than the cool-down: decays all along
