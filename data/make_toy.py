@@ -27,10 +27,12 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("world", help="toy images and the toy pipeline's components")
     w.add_argument("--out", required=True)
-    w.add_argument("--train-samples", type=int, default=16000)
+    w.add_argument("--train-samples", type=int, default=12000)
     w.add_argument("--val-samples", type=int, default=256)
-    w.add_argument("--vae-steps", type=int, default=1200)
+    w.add_argument("--vae-steps", type=int, default=1000)
     w.add_argument("--vae-images", type=int, default=2000, help="training images the VAE sees")
+    w.add_argument("--vae-precision", choices=("bf16", "fp32"), default="bf16",
+                   help="autocast dtype of the VAE's training (bf16: 1.3x faster on a CPU; weights stay fp32)")
     w.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("prompts", help="the toy GenEval prompt file (held-out prompts marked)")
     q.add_argument("--out", required=True)
@@ -47,6 +49,7 @@ def fail(message):
 
 def make_world(args):
     import numpy as np
+    import torch
     from tqdm import tqdm
 
     from mmdit import toy
@@ -73,8 +76,9 @@ def make_world(args):
 
             tmp = out / ".pipeline.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
+            dtype = torch.bfloat16 if args.vae_precision == "bf16" else None
             save_toy_pipeline(tmp, np.stack(images), toy.caption_corpus(seed=args.seed), args.vae_steps,
-                              seed=args.seed, progress=progress)
+                              seed=args.seed, compute_dtype=dtype, progress=progress)
             os.replace(tmp, pipeline)
     print(f"toy world in {out} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 

@@ -173,30 +173,56 @@ def toy_vae(side: int = 64):
                          mid_block_add_attention=False)
 
 
+def latent_cuts(n: int, side: int, rng) -> torch.Tensor:
+    """(n, 1, side, side) masks on a latent grid, each keeping one side of a random horizontal or vertical cut."""
+    masks = torch.zeros(n, 1, side, side)
+    for i in range(n):
+        k = int(rng.integers(1, side))
+        if rng.random() < 0.5:
+            masks[i, :, :, :k] = 1
+        else:
+            masks[i, :, :k, :] = 1
+        if rng.random() < 0.5:
+            masks[i] = 1 - masks[i]
+    return masks
+
+
 def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-6,
-              object_weight: float = 20.0, seed: int = 0, progress=None):
-    """Reconstruction (L1 + L2, objects weighted up) plus a small KL, on whole images ((N, H, W, 3) uint8; whole,
-    because GroupNorm's statistics depend on how much of the picture is background). Afterwards the latent
-    factors are set from the data, as SD3's were: shift = mean and scaling = 1 / std of the posterior means."""
+              object_weight: float = 20.0, locality_weight: float = 0.1, compute_dtype: torch.dtype | None = None,
+              seed: int = 0, progress=None):
+    """Reconstruction (L1 + L2, objects weighted up) plus a small KL, on whole images ((N, H, W, 3) uint8), with
+    a locality term; compute_dtype: an autocast dtype (the caller's choice; master weights stay fp32).
+
+    Locality: each step also decodes a spliced latent (one image's latent on one side of a random cut of the latent
+    grid, another image's on the other) to the same splice of the two pictures, and encodes the spliced picture to
+    the spliced latent. GroupNorm normalises over the whole picture, and toy pictures are mostly background, so
+    without this the VAE learns a holistic code: one added shape moved every latent, and latents that a diffusion
+    model assembles region by region decoded to texture all over the picture.
+
+    Afterwards the latent factors are set from the data, as SD3's were: shift = mean and scaling = 1 / std of the
+    posterior means."""
     import numpy as np
 
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     data = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    B = batch_size
     vae.train()
     for step in range(steps):
-        x = data[rng.integers(0, len(data), batch_size)].float() / 127.5 - 1
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.mean).sample   # the mean, as sampling uses it: sampling noise slows learning
-        error = (recon - x).abs() + (recon - x) ** 2
-        # Objects are a few percent of the pixels: weight them (and a rim around them) up, or the loss is all
-        # background and the decoder stays at blurry blobs for a long time.
-        background = x.flatten(2).median(2).values[..., None, None]
-        near = torch.nn.functional.max_pool2d(((x - background).abs().sum(1, keepdim=True) > 0.2).float(), 5, 1, 2)
-        weight = 1 + object_weight * near
-        loss = (error * weight).sum() / (weight.sum() * 3) + kl_weight * posterior.kl().mean()
+        x = data[rng.integers(0, len(data), B)].float() / 127.5 - 1
+        cut = latent_cuts(B, x.shape[-1] // factor, rng)
+        spliced = _splice(x, cut.repeat_interleave(factor, -1).repeat_interleave(factor, -2))
+        with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None):
+            posterior = vae.encode(torch.cat([x, spliced])).latent_dist
+            z = posterior.mean   # the mean, as sampling uses it: sampling noise slows learning
+            target_z = _splice(z[:B], cut)
+            recon = vae.decode(torch.cat([z[:B], target_z])).sample.float()
+        loss = _weighted_error(recon, torch.cat([x, spliced]), object_weight)
+        loss = loss + kl_weight * posterior.kl().mean()
+        loss = loss + locality_weight * ((z[B:].float() - target_z.float()) ** 2).mean() / (z[:B].detach().var() + 1e-6)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,13 +237,29 @@ def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl
     return vae
 
 
+def _splice(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mask-selected parts of each item, the rest from the previous item of the batch."""
+    return mask * x + (1 - mask) * x.roll(1, 0)
+
+
+def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """L1 + L2 with objects (and a rim around them) weighted up: they are a few percent of the pixels, and without
+    the weight the loss is all background and the decoder stays at blurry blobs for a long time."""
+    error = (recon - x).abs() + (recon - x) ** 2
+    background = x.flatten(2).median(2).values[..., None, None]
+    near = torch.nn.functional.max_pool2d(((x - background).abs().sum(1, keepdim=True) > 0.2).float(), 5, 1, 2)
+    weight = 1 + object_weight * near
+    return (error * weight).sum() / (weight.sum() * 3)
+
+
 # The longest toy caption ("a photo of a purple triangle and a white circle") is 10 tokens for either tokenizer:
 # 12 holds it with CLIP's BOS and EOS, and T5's EOS.
 TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 12, 12
 TOY_SHIFT = 1.0   # sampling shift: the paper's shift is 1 at 256^2 and grows with resolution; toy images are 64^2
 
 
-def save_toy_pipeline(path, images, corpus: list[str], vae_steps: int, seed: int = 0, progress=None) -> Path:
+def save_toy_pipeline(path, images, corpus: list[str], vae_steps: int, seed: int = 0,
+                      compute_dtype: torch.dtype | None = None, progress=None) -> Path:
     """The toy world's SD3 pipeline, untrained MM-DiT: a VAE trained on images, frozen random CLIP-L / CLIP-G
     towers (width 32, the real CLIP tokenizer, 12 tokens) and T5 (a SentencePiece tokenizer trained on corpus,
     12 tokens), the "toy" MM-DiT preset; written as a diffusers StableDiffusion3Pipeline directory."""
@@ -227,7 +269,8 @@ def save_toy_pipeline(path, images, corpus: list[str], vae_steps: int, seed: int
     from mmdit.config import model_preset
 
     torch.manual_seed(seed)
-    vae = train_vae(toy_vae(np.asarray(images).shape[1]), images, vae_steps, seed=seed, progress=progress)
+    vae = train_vae(toy_vae(np.asarray(images).shape[1]), images, vae_steps, seed=seed, compute_dtype=compute_dtype,
+                    progress=progress)
     components = tiny_components(seed, corpus=corpus, clip_tokens=TOY_CLIP_TOKENS, t5_tokens=TOY_T5_TOKENS, vae=vae,
                                  mmdit_config=model_preset("toy"), clip_widths=TOY_CLIP_WIDTHS, shift=TOY_SHIFT)
     path = Path(path)

@@ -33,7 +33,10 @@ COLORS = tuple(PALETTE)          # GenEval's ten, in its order
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
-RADIUS = (5.5, 7.5)              # half-extent of a shape in pixels at 64x64 (smaller circles read as squares)
+# Half-extent of a shape in pixels at 64x64: 14 to 18 px across, about two latent cells, and four still fit. Bigger
+# shapes survive the 8x-down VAE better: after 1200 steps its reconstructions passed the judge 86% of the time at
+# 5.5 to 7.5 px (fp32), 92% at 7 to 9 px (bf16 autocast).
+RADIUS = (7.0, 9.0)
 
 HELD_OUT_COLORS = {("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "triangle"),
                    ("green", "circle"), ("white", "square")}

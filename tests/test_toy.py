@@ -116,6 +116,24 @@ def toy_pipeline(tmp_path_factory):
                              vae_steps=3)
 
 
+def test_vae_locality_splices():
+    """The VAE's locality term splices two items at a cut of the latent grid; the same cut, scaled up, splices
+    their pictures (mmdit.tiny.train_vae)."""
+    from mmdit.tiny import _splice, latent_cuts
+
+    cuts = latent_cuts(64, 8, np.random.default_rng(0))
+    assert cuts.shape == (64, 1, 8, 8) and set(cuts.unique().tolist()) == {0.0, 1.0}
+    vertical = horizontal = 0
+    for m in cuts[:, 0]:
+        assert 0 < m.sum() < 64   # both images contribute
+        vertical += bool((m == m[:1]).all())      # every row the same: a vertical cut
+        horizontal += bool((m == m[:, :1]).all())
+    assert vertical + horizontal == 64 and vertical > 10 and horizontal > 10
+    x = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 2)
+    spliced = _splice(x, torch.tensor([[1.0, 0.0], [1.0, 0.0]]).expand(3, 1, 2, 2))
+    assert spliced[1, 0].tolist() == [[1, 0], [1, 0]] and spliced[0, 0].tolist() == [[0, 2], [0, 2]]
+
+
 def test_toy_pipeline_loads_as_any_diffusers_pipeline(toy_pipeline):
     from diffusers import StableDiffusion3Pipeline
 
