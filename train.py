@@ -132,12 +132,10 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict
 
 def sample_grid(ema, conditioning, cfg, side: int):
     """Images of the fixed prompts from the EMA weights (seeds 0, 1, ...), side by side: (H, W * n, 3) uint8."""
-    from mmdit.pipeline import SD3Pipeline, Settings
+    from mmdit.pipeline import SD3Pipeline, Settings, scheduler_shift
 
     text, vae = conditioning
-    scheduler = Path(cfg.train.sample_model) / "scheduler" / "scheduler_config.json"
-    shift = json.loads(scheduler.read_text()).get("shift", 3.0) if scheduler.is_file() else 3.0
-    pipe = SD3Pipeline(ema, vae, text, shift)
+    pipe = SD3Pipeline(ema, vae, text, scheduler_shift(cfg.train.sample_model))
     prompts = list(cfg.train.sample_prompts)
     images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=5.0,
                                                                        width=side, height=side))

@@ -75,8 +75,7 @@ class SD3Pipeline:
             vae = load_diffusers_vae(path, dtype, allow_pickle)
             text = load_diffusers_text_encoders(path, no_t5=no_t5, dtype=dtype, t5_tokens=t5_tokens,
                                                 context_dim=transformer.config.context_dim, allow_pickle=allow_pickle)
-            scheduler = path / "scheduler" / "scheduler_config.json"
-            shift = json.loads(scheduler.read_text()).get("shift", 3.0) if scheduler.is_file() else 3.0
+            shift = scheduler_shift(path)
         elif path.is_file() and path.suffix == ".safetensors":
             transformer = load_mmdit(path, dtype=dtype)
             vae_state = read_safetensors(path, VAE_PREFIX)[0]
@@ -188,6 +187,13 @@ def load_conditioning(path, *, no_t5: bool = False, dtype: torch.dtype = torch.f
         return (_single_file_text_encoders(path, no_t5, dtype, t5_tokens, t5_tokenizer),
                 vae_from_ldm_state(vae_state, dtype))
     raise CheckpointError(f"model {path} does not exist or is not a recognised layout; accepted: {ACCEPTED_MODELS}")
+
+
+def scheduler_shift(path) -> float:
+    """The sampling shift a diffusers pipeline directory's scheduler declares; 3.0 (every released SD3 / SD3.5)
+    when it declares none."""
+    scheduler = Path(path) / "scheduler" / "scheduler_config.json"
+    return float(json.loads(scheduler.read_text()).get("shift", 3.0)) if scheduler.is_file() else 3.0
 
 
 def weights_digest(path) -> str:
