@@ -111,8 +111,9 @@ def bundle(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.command == "world":
-        if args.train_samples < 1 or args.vae_steps < 1:
-            fail("--train-samples and --vae-steps must be >= 1")
+        for name in ("train_samples", "val_samples", "vae_steps", "vae_images"):
+            if getattr(args, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         make_world(args)
     elif args.command == "prompts":
         from mmdit.toy import evaluation_prompts
