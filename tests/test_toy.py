@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from mmdit import toy
+from mmdit.checkpoint import load_mmdit
 from mmdit.eval.geneval import judge, keep_detections, read_metadata, summarize
 from mmdit.eval.toy import ToyDetector
 
@@ -167,6 +168,8 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
     manifest = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
     assert manifest["samples"] == 64 and manifest["identities"]["t5_tokens"] == 12
     exported = run / "export" / "pipeline"
+    ema = load_mmdit(run / "export" / "ema.safetensors").state_dict()   # the pipeline carries exactly the EMA
+    assert all(torch.equal(ema[k], v) for k, v in load_mmdit(exported / "transformer").state_dict().items())
     sample.main(["--model", str(exported), "--prompt", "a photo of a red circle", "--steps", "2",
                  "--out", str(tmp_path / "a.png")])
     sample.main(["--model", str(exported), "--prompt", "a photo of a red circle", "--steps", "2", "--no-t5",
