@@ -83,7 +83,7 @@ def prepare_toy(cfg):
 
 def export_pipeline(transformer: Path, base: Path, target: Path):
     """A diffusers pipeline directory: base's VAE, encoders and scheduler with the exported diffusers transformer
-    folder (copied, not serialised again: for SD3.5 Large that is 16 GB written once, not twice), written beside
+    folder (copied, not serialised again: for an 8B model that is tens of GB written once, not twice), written beside
     and renamed into place."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
