@@ -34,7 +34,7 @@ def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0
     """Linear warm-up to base_lr, then constant (the SD3 paper's schedule); with cooldown_steps, a linear decay to
     zero over the last cooldown_steps of total_steps. A function of the step alone, so resuming needs no state."""
     lr = base_lr * min(1.0, (step + 1) / max(1, warmup_steps))
-    if cooldown_steps > 0:
+    if cooldown_steps > 0 and total_steps > 0:   # no run length, nothing to cool down towards
         lr *= min(1.0, max(0, total_steps - step) / min(cooldown_steps, total_steps))
     return lr
 

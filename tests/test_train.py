@@ -281,3 +281,4 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
     assert [train_cli.get_lr(s, 1.0, 10) for s in (9, 99, 10**6)] == [1.0, 1.0, 1.0]   # no cool-down: constant
     assert train_cli.get_lr(2, 1.0, 1, 1000, 4) == pytest.approx(0.5)   # shorter than the cool-down: decays all along
+    assert train_cli.get_lr(0, 1.0, 1, 10) == 1.0   # a cool-down without a run length leaves the rate alone
