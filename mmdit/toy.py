@@ -36,7 +36,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 # Half-extent of a shape in pixels at 64x64: 18 to 24 px across, about three latent cells, and four still fit (with
 # a gap of 5 px, so that blurred edges do not join two shapes into one). Corners span more latent cells the bigger
 # the shape, and the 8x-down VAE keeps them: on 256 validation images its reconstructions (1000 steps) passed the
-# judge 80% of the time at 7 to 9 px (squares and triangles came back rounded) and 97% at 9 to 12 px.
+# judge 80% of the time at half-extents of 7 to 9 px (squares and triangles came back rounded), 97% at 9 to 12 px.
 RADIUS = (9.0, 12.0)
 
 HELD_OUT_COLORS = {("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "triangle"),
