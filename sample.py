@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--no-t5", action="store_true", help="leave T5 out (its weights are never read): zeros instead")
     p.add_argument("--negative-prompt", default="", help="default: the empty string, encoded")
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale; <= 1 turns it off "
+                   "(default: 7.0 as diffusers, 2.0 for the bundled toy model)")
     p.add_argument("--shift", type=float, default=None, help="default: the model's scheduler shift (3.0)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler")
     p.add_argument("--seed", type=int, default=0)
@@ -99,10 +100,10 @@ def main(argv=None):
     if any(v % 16 or v <= 0 for v in sizes):
         fail(f"--width and --height must be positive multiples of 16 (the VAE's 8 x the patch size 2), "
              f"got {args.width}x{args.height}")
-    if args.model is None:
-        from mmdit.pipeline import BUNDLED_MODEL
+    from mmdit.pipeline import BUNDLED_MODEL, default_cfg
 
-        args.model = str(BUNDLED_MODEL)
+    args.cfg = default_cfg(args.model) if args.cfg is None else args.cfg
+    args.model = str(BUNDLED_MODEL) if args.model is None else args.model
     jobs = [(p, args.seed + i) for i, p in enumerate(p for p in prompts for _ in range(args.num_images))]
     paths = output_paths(args.out, len(jobs))
     check_writable(paths[0])

@@ -287,7 +287,8 @@ def main(argv=None):
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--no-t5", action="store_true")
     g.add_argument("--steps", type=int, default=28)
-    g.add_argument("--cfg", type=float, default=7.0)
+    g.add_argument("--cfg", type=float, default=None, help="default: as sample.py (7.0; 2.0 for the bundled toy "
+                   "model)")
     g.add_argument("--shift", type=float, default=None)
     g.add_argument("--sampler", default="euler")
     g.add_argument("--width", type=int, default=None, help="default: the model's own size (the SD3 paper's "
@@ -364,10 +365,10 @@ def main(argv=None):
 
         read_metadata(args.metadata)   # a bad line stops here, before any model loads
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if args.model is None:
-            from mmdit.pipeline import BUNDLED_MODEL
+        from mmdit.pipeline import BUNDLED_MODEL, default_cfg
 
-            args.model = str(BUNDLED_MODEL)
+        args.cfg = default_cfg(args.model) if args.cfg is None else args.cfg
+        args.model = str(BUNDLED_MODEL) if args.model is None else args.model
         pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
                                 t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer)
         settings = Settings(steps=args.steps, cfg=args.cfg, shift=pipe.shift if args.shift is None else args.shift,
