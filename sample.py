@@ -1,4 +1,4 @@
-"""Text to image with an SD3 / SD3.5 model: python sample.py --prompt "..." --model PATH --out image.png
+"""Text to image with an SD3 / SD3.5 model: python3 sample.py --prompt "..." --model PATH --out image.png
 
 The i-th image written (prompt by prompt, num-images each) is drawn from seed + i, so any image can be made again
 alone; with batch size 1 the first image equals StableDiffusion3Pipeline's for the same seed and settings.

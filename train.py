@@ -1,7 +1,7 @@
 """Train an MM-DiT with the SD3 paper's recipe on precomputed shards.
 
-    python train.py                       # the toy world (configs/toy.yaml): data, components, shards, model
-    python train.py --config configs/tiny.yaml [section.key=value ...] [--resume latest|PATH]
+    python3 train.py                       # the toy world (configs/toy.yaml): data, components, shards, model
+    python3 train.py --config configs/tiny.yaml [section.key=value ...] [--resume latest|PATH]
     accelerate launch train.py --config configs/sd3-d24-256.yaml
 
 Per step: draw sigma (lognorm(0, 1) by default, shift only if asked), noise the latents, drop each text encoder
@@ -180,7 +180,7 @@ def main(argv=None):
         missing = [s for s in (cfg.data.shards, cfg.data.val_shards) if s and not (Path(s) / "manifest.json").is_file()]
         if cfg.data.prepare == "toy" and missing:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("the toy world is prepared by one process: run `python train.py` once first")
+                raise ValueError("the toy world is prepared by one process: run `python3 train.py` once first")
             prepare_toy(cfg)
         if not cfg.data.shards:
             raise ValueError("data.shards is empty: give a shard folder (with manifest.json), e.g. "

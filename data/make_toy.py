@@ -1,8 +1,8 @@
 """Make the toy world (mmdit/toy.py): its image-caption data, its SD3 components, its GenEval prompts.
 
-    python data/make_toy.py world --out runs/toy/world        # images (img2dataset layout) + components
-    python data/make_toy.py prompts --out data/toy_geneval.jsonl
-    python data/make_toy.py bundle runs/toy/export/pipeline   # the trained pipeline -> the bundled default model
+    python3 data/make_toy.py world --out runs/toy/world        # images (img2dataset layout) + components
+    python3 data/make_toy.py prompts --out data/toy_geneval.jsonl
+    python3 data/make_toy.py bundle runs/toy/export/pipeline   # the trained pipeline -> the bundled default model
 
 `world` writes OUT/images/train/NNNNN.tar and OUT/images/val/NNNNN.tar (KEY.png, KEY.txt, KEY.json, as
 img2dataset writes them, so data/precompute.py reads them like real data) and OUT/pipeline, a diffusers SD3

@@ -1,7 +1,7 @@
 """Precompute VAE latents and text embeddings into training shards (format: data/README.md).
 
-    python data/precompute.py --input 'raw/{00000..00099}.tar' --model PIPELINE --out shards/ --resolution 256
-    python data/precompute.py --images photos/ --captions captions.jsonl --model PIPELINE --out shards/ --buckets
+    python3 data/precompute.py --input 'raw/{00000..00099}.tar' --model PIPELINE --out shards/ --resolution 256
+    python3 data/precompute.py --images photos/ --captions captions.jsonl --model PIPELINE --out shards/ --buckets
     accelerate launch data/precompute.py ...      # each process takes every world_size-th input shard
 
 Inputs: webdataset tars as img2dataset writes them (KEY.jpg|png|webp with KEY.txt and/or KEY.json), or a folder
