@@ -32,7 +32,7 @@ from mmdit.vae import VAE, load_diffusers_vae, to_ldm, vae_from_ldm_state
 BUNDLED_MODEL = Path(__file__).resolve().parent / "toy_pipeline"   # the toy world's model (data/make_toy.py)
 SD3_CFG = 7.0           # StableDiffusion3Pipeline's default guidance scale
 # Guidance darkens the toy model's colours and tints its backgrounds: on the seen toy prompts (toy GenEval, 4 images
-# per prompt) CFG 1 / 2 / 3 / 7 scored 0.085 / 0.12 / 0.116 / 0.052.
+# per prompt) CFG 1 / 2 / 3 / 7 scored 0.08 / 0.16 / 0.17 / 0.10 (the previous bundle: 0.085 / 0.12 / 0.116 / 0.052).
 BUNDLED_MODEL_CFG = 2.0
 ACCEPTED_MODELS = ("a diffusers SD3 pipeline directory (model_index.json with transformer/, vae/, text_encoder*/, "
                    "tokenizer*/) or a Stability single file (*.safetensors with model.diffusion_model.* and "
