@@ -14,8 +14,8 @@ Several processes (accelerate launch) train with DeepSpeed ZeRO (train.deepspeed
 its own shards, gradients are reduced by the engine, and checkpoints hold every rank's optimizer shard and state.
 """
 
-import argparse
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -24,10 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from mmdit.cli import Parser
+from mmdit.cli import fail as fail_with
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_RECIPE = HERE / "configs" / "toy.yaml"
+PROG = "train.py"
 
 
 def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0, total_steps: int = 0) -> float:
@@ -39,46 +41,40 @@ def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0
     return lr
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
+def update_ema(ema, model, decay: float):
     """ema <- decay * ema + (1 - decay) * model, in fp32, over parameters and buffers alike."""
-    pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())
-             if e.dtype.is_floating_point]
-    targets = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in pairs]
-    torch._foreach_lerp_([e for e, _ in pairs], targets, 1 - decay)  # one fused pass instead of one per tensor
+    import torch
+
+    with torch.no_grad():
+        pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())
+                 if e.dtype.is_floating_point]
+        targets = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in pairs]
+        torch._foreach_lerp_([e for e, _ in pairs], targets, 1 - decay)  # one fused pass instead of one per tensor
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_RECIPE), help="a YAML recipe in configs/ (default: %(default)s)")
-    p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p = Parser(prog=PROG, description=__doc__)
+    p.add_argument("--config", default=str(DEFAULT_RECIPE), help="a YAML recipe in configs/")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder (default: start afresh)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=3e-4 train.steps=1000")
     return p.parse_args(argv)
 
 
 def fail(message: str):
-    print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    fail_with(PROG, message)
 
 
-def prepare_toy(cfg):
-    """The toy world's data, through the real entry points: data/make_toy.py (images and the toy pipeline's
-    components) into data.prepare_dir, then data/precompute.py into data.shards and data.val_shards."""
-    import subprocess
-
-    from mmdit import toy
-
-    def run(*command):
-        print("toy world: " + " ".join(str(c) for c in command), file=sys.stderr)
-        if subprocess.run([sys.executable, *map(str, command)]).returncode != 0:
-            fail(f"preparing the toy world failed at: {command[0]} {command[1]}")
-
-    world = Path(cfg.data.prepare_dir)
-    run(HERE / "data" / "make_toy.py", "world", "--out", world, *cfg.data.prepare_args)
-    for split, shards in (("train", cfg.data.shards), ("val", cfg.data.val_shards)):
-        if shards and not (Path(shards) / "manifest.json").is_file():
-            run(HERE / "data" / "precompute.py", "--input", *sorted((world / "images" / split).glob("*.tar")),
-                "--model", world / "pipeline", "--out", shards, "--resolution", toy.SIDE, "--batch-size", 64)
+def preparation_step(module: str):
+    """The prepare(shards, val_shards, prepare_args, device) function that data.prepare names, or a ValueError."""
+    accepted = "a module of mmdit with a prepare(shards, val_shards, prepare_args, device) function, e.g. " \
+               "mmdit.toy.prepare"
+    try:
+        step = getattr(importlib.import_module(module), "prepare", None) if module.startswith("mmdit.") else None
+    except ImportError:
+        step = None
+    if not callable(step):
+        raise ValueError(f"data.prepare {module!r}: accepted: {accepted}")
+    return step
 
 
 def export_pipeline(transformer: Path, base: Path, target: Path):
@@ -101,6 +97,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int, accelerator=None) -> Path:
     """Everything a bit-exact resume needs, written into a temporary folder that is renamed into place; the oldest
     beyond `keep` are removed. Under DeepSpeed every rank writes its optimizer shard and its own RNG / data state."""
+    import torch
+
     from mmdit.checkpoint import save_mmdit
 
     rank = accelerator.process_index if accelerator else 0
@@ -131,7 +129,8 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict
 
 def sample_grid(ema, conditioning, cfg, side: int):
     """Images of the fixed prompts from the EMA weights (seeds 0, 1, ...), side by side: (H, W * n, 3) uint8."""
-    from mmdit.pipeline import SD3Pipeline, Settings, scheduler_shift
+    from mmdit.loading import scheduler_shift
+    from mmdit.pipeline import SD3Pipeline, Settings
 
     text, vae = conditioning
     pipe = SD3Pipeline(ema, vae, text, scheduler_shift(cfg.train.sample_model))
@@ -141,10 +140,18 @@ def sample_grid(ema, conditioning, cfg, side: int):
     return images.transpose(1, 0, 2, 3).reshape(side, side * len(prompts), 3)
 
 
-@torch.no_grad()
 def validation_loss(model, batches, layout, cfg, device) -> dict:
     """The paper's validation loss: a fixed held-out set, fixed noise and fixed sigmas (evenly spaced), every text
     encoder present; per sigma and the mean. A local generator leaves the training RNG untouched."""
+    import torch
+
+    with torch.no_grad():
+        return _validation_loss(model, batches, layout, cfg, device)
+
+
+def _validation_loss(model, batches, layout, cfg, device) -> dict:
+    import torch
+
     from mmdit import flow
     from mmdit.text import assemble
 
@@ -175,13 +182,16 @@ def main(argv=None):
     # ---- configuration: every error here, before any compute ----
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.data.prepare not in ("", "toy"):
-            raise ValueError(f"data.prepare {cfg.data.prepare!r}: accepted: toy, or empty")
+        prepare = preparation_step(cfg.data.prepare) if cfg.data.prepare else None
         missing = [s for s in (cfg.data.shards, cfg.data.val_shards) if s and not (Path(s) / "manifest.json").is_file()]
-        if cfg.data.prepare == "toy" and missing:
+        if prepare and missing:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError("the toy world is prepared by one process: run `python3 train.py` once first")
-            prepare_toy(cfg)
+                raise ValueError(f"data.prepare ({cfg.data.prepare}) runs in one process: run `python3 train.py` "
+                                 f"with this recipe once first")
+            import torch
+
+            prepare(cfg.data.shards, cfg.data.val_shards, cfg.data.prepare_args,
+                    torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if not cfg.data.shards:
             raise ValueError("data.shards is empty: give a shard folder (with manifest.json), e.g. "
                              "data.shards=shards/train")
@@ -196,6 +206,8 @@ def main(argv=None):
         resume = latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
         if resume is None or not (resume / "state_rank0.pt").is_file():
             fail(f"no checkpoint to resume from at {args.resume if args.resume != 'latest' else out_dir}")
+
+    import torch
 
     from mmdit import flow
     from mmdit.checkpoint import load_mmdit
@@ -388,14 +400,11 @@ def main(argv=None):
                     board.add_scalar(f"{name}/sigma_{sigma}", value, step)
         if cfg.train.sample_model and rank == 0 and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
             if conditioning is None:
-                from mmdit.pipeline import load_conditioning
+                from mmdit.loading import load_conditioning
 
-                conditioning = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
-                                                 t5_tokens=layout.t5_tokens)
-                conditioning[1].autoencoder.to(device)
-                for encoder in (conditioning[0].clip_l, conditioning[0].clip_g, conditioning[0].t5):
-                    if encoder is not None:
-                        encoder.model.to(device)
+                text, vae = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
+                                              t5_tokens=layout.t5_tokens)
+                conditioning = text.to(device), vae.to(device)
             grid = sample_grid(ema, conditioning, cfg, side=x0.shape[-1] * conditioning[1].downsample)
             board.add_image("samples/ema", grid, step, dataformats="HWC")
             from PIL import Image

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 
@@ -140,10 +141,74 @@ class FlowConfig:
     loss_weighting: str = "none"         # none | sigma_sqrt | cosmap
 
 
-# Names accepted by the recipe (mmdit.flow implements them and checks them again).
+def _finite_in(value, low: float, high: float, low_open: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > low if low_open else value >= low) and value <= high)
+
+
+def _first_settings_problem(s: "Settings") -> str | None:
+    """The first field of sampling settings that is out of range, as a line naming the field and the range."""
+    def whole(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    checks = [
+        ("steps", whole(s.steps, 1, MAX_STEPS), f"an integer in [1, {MAX_STEPS}]"),
+        ("cfg", _finite_in(s.cfg, 0, MAX_GUIDANCE), f"a finite number in [0, {MAX_GUIDANCE}] (<= 1 turns guidance off)"),
+        ("shift", s.shift is None or _finite_in(s.shift, 0, MAX_SHIFT, low_open=True),
+         f"a finite number in (0, {MAX_SHIFT}]"),
+        ("sampler", s.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
+        # a multiple of the VAE's 8 here; the model may ask for more (x its patch size: SD3Pipeline.check_size)
+        ("width", whole(s.width, 1, MAX_SIDE) and s.width % 8 == 0, f"a multiple of 8 in [8, {MAX_SIDE}]"),
+        ("height", whole(s.height, 1, MAX_SIDE) and s.height % 8 == 0, f"a multiple of 8 in [8, {MAX_SIDE}]"),
+        ("negative_prompt", isinstance(s.negative_prompt, str), "a string"),
+        ("slg_layers", all(whole(i, 0, 10_000) for i in s.slg_layers), "block indices >= 0"),
+        ("slg_scale", _finite_in(s.slg_scale, 0, MAX_GUIDANCE), f"a finite number in [0, {MAX_GUIDANCE}]"),
+        ("slg_start", _finite_in(s.slg_start, 0, 1), "a fraction in [0, 1]"),
+        ("slg_end", _finite_in(s.slg_end, 0, 1) and s.slg_end >= s.slg_start, "a fraction in [slg_start, 1]"),
+    ]
+    for name, ok, accepted in checks:
+        if not ok:
+            return f"{name} must be {accepted}, got {getattr(s, name)!r}"
+    return None
+
+
+# Sampling ranges: wide enough for any real use, narrow enough that a typo or a NaN is refused before any work.
+MAX_STEPS, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE = 10_000, 100, 100, 16_384
+
+# The names recipes and command lines accept, declared once; mmdit.flow implements each (tests/test_config.py).
 TIMESTEP_SAMPLERS = ("uniform", "lognorm", "mode", "cosmap")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+SAMPLERS = ("euler", "heun", "dpmpp_2m")
 PRECISIONS = ("bf16", "fp32")
+SHARD_DTYPES = ("float16", "bfloat16")   # how shards store tensors (mmdit.shards)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the prompt and seed that decides an image (written into each PNG): what sample.py and
+    the GenEval generator turn their flags into (mmdit.sampling_cli)."""
+
+    steps: int = 28
+    cfg: float = 7.0                    # classifier-free guidance; <= 1 turns it off
+    shift: float | None = None          # None: the model's scheduler shift (3.0 for every released SD3 / SD3.5)
+    sampler: str = "euler"
+    width: int = 1024                   # sample.py and the GenEval generator default to the model's own size
+    height: int = 1024
+    negative_prompt: str = ""
+    slg_layers: tuple[int, ...] = ()    # skip-layer guidance (SD3.5 Medium: 7, 8, 9); empty = off
+    slg_scale: float = 2.8
+    slg_start: float = 0.01
+    slg_end: float = 0.2
+
+    def __post_init__(self):
+        object.__setattr__(self, "slg_layers", tuple(self.slg_layers))
+        problem = _first_settings_problem(self)
+        if problem:
+            raise ValueError(problem)
+
+    def record(self) -> dict:
+        """Plain JSON-ready data (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -171,9 +236,10 @@ class DataSection:
     shuffle_buffer: int = 1000
     resampled: bool = False              # endless shard resampling (multi-node) instead of exact epochs
     caption_variant_probs: tuple[float, ...] = (0.5, 0.5)   # the paper's original / synthetic caption mix
-    prepare: str = ""                    # "toy": when the shards are missing, build the toy world into prepare_dir
-    prepare_dir: str = ""                # and precompute shards and val_shards from it (configs/toy.yaml)
-    prepare_args: tuple[str, ...] = ()   # extra arguments of `data/make_toy.py world`, e.g. ["--vae-steps", "10"]
+    # A module of mmdit whose prepare(shards, val_shards, prepare_args, device) makes the shards when they are
+    # missing (configs/toy.yaml: mmdit.toy.prepare, which builds the toy world); "" = the shards must exist.
+    prepare: str = ""
+    prepare_args: tuple[str, ...] = ()   # its arguments (for the toy world: data/make_toy.py world's flags)
 
 
 @dataclass(frozen=True)
@@ -316,5 +382,5 @@ def config_to_dict(config: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-__all__ = ["MMDiTConfig", "TextLayout", "FlowConfig", "Config", "load_config", "config_to_dict", "MODEL_PRESETS",
-           "model_preset", "paper_depth"]
+__all__ = ["MMDiTConfig", "TextLayout", "FlowConfig", "Config", "Settings", "load_config", "config_to_dict",
+           "MODEL_PRESETS", "model_preset", "paper_depth"]

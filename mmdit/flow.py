@@ -15,10 +15,9 @@ from typing import Callable
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-TIMESTEP_SAMPLERS = ("uniform", "lognorm", "mode", "cosmap")
-LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-SAMPLERS = ("euler", "heun", "dpmpp_2m")
+# Recipes and command lines take their accepted names from mmdit.config (TIMESTEP_SAMPLERS, LOSS_WEIGHTINGS,
+# SAMPLERS) and check them before any work; here each function knows only its own branches, and a test holds the
+# two to each other.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,16 +47,22 @@ def sample_sigmas(n: int, method: str = "lognorm", *, mean: float = 0.0, std: fl
     uniform: sigma ~ U(0, 1).  lognorm(m, s): sigma = sigmoid(N(m, s)), the paper's default (0, 1).
     mode(s): sigma = 1 - u - s * (cos^2(pi u / 2) - 1 + u).  cosmap: sigma = 1 - 1 / (tan(pi u / 2) + 1).
     """
-    if method == "lognorm":
-        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
-    u = torch.rand(n, generator=generator, device=device)
-    if method == "uniform":
-        return u
-    if method == "mode":
+    def uniform():
+        return torch.rand(n, generator=generator, device=device)
+
+    def mode():
+        u = uniform()
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    if method == "cosmap":
-        return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
-    raise ValueError(f"unknown timestep sampler {method!r}; accepted: {', '.join(TIMESTEP_SAMPLERS)}")
+
+    draws = {
+        "uniform": uniform,
+        "lognorm": lambda: torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device)),
+        "mode": mode,
+        "cosmap": lambda: 1 - 1 / (torch.tan(math.pi * uniform() / 2) + 1),
+    }
+    if method not in draws:
+        raise ValueError(f"unknown timestep sampler {method!r}; accepted: {', '.join(draws)}")
+    return draws[method]()
 
 
 def lognorm_density(sigma, mean: float = 0.0, std: float = 1.0):
@@ -73,13 +78,11 @@ def cosmap_density(sigma):
 
 def loss_weight(sigma: torch.Tensor, weighting: str = "none") -> torch.Tensor:
     """Per-sample loss weights: none (1), sigma_sqrt (sigma^-2) or cosmap (its density), as diffusers names them."""
-    if weighting == "none":
-        return torch.ones_like(sigma)
-    if weighting == "sigma_sqrt":
-        return sigma.float() ** -2
-    if weighting == "cosmap":
-        return cosmap_density(sigma.float())
-    raise ValueError(f"unknown loss weighting {weighting!r}; accepted: {', '.join(LOSS_WEIGHTINGS)}")
+    weights = {"none": lambda: torch.ones_like(sigma), "sigma_sqrt": lambda: sigma.float() ** -2,
+               "cosmap": lambda: cosmap_density(sigma.float())}
+    if weighting not in weights:
+        raise ValueError(f"unknown loss weighting {weighting!r}; accepted: {', '.join(weights)}")
+    return weights[weighting]()
 
 
 def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
@@ -113,8 +116,8 @@ def sample(velocity: Velocity, noise: torch.Tensor, schedule: torch.Tensor, meth
     dpmpp_2m: DPM-Solver++(2M) on the flow's sigmas with lambda = -log(sigma), Stability's default for SD3.5;
     its first-order step is the flow DDIM step, which equals Euler.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}; accepted: {', '.join(SAMPLERS)}")
+    if method not in _SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {method!r}; accepted: {', '.join(_SAMPLER_NAMES)}")
     x = noise.float()
     ones = torch.ones(x.shape[0], device=x.device)
     steps = range(len(schedule) - 1)
@@ -128,7 +131,7 @@ def sample(velocity: Velocity, noise: torch.Tensor, schedule: torch.Tensor, meth
             x_pred = x + (s_next - s) * v
             v_next = velocity(x_pred, s_next * ones, i).float()
             x = x + (s_next - s) * (v + v_next) / 2
-        else:  # dpmpp_2m in data prediction
+        else:  # dpmpp_2m, in data prediction
             x0 = x - s * v
             if s_next == 0:
                 x = x0
@@ -141,6 +144,9 @@ def sample(velocity: Velocity, noise: torch.Tensor, schedule: torch.Tensor, meth
                 x = (s_next / s) * x + (1 - s_next / s) * x0_mix
             prev_x0 = x0
     return x
+
+
+_SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m")   # the branches of sample()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Images into model inputs: aspect-ratio buckets, resize and centre crop, pixels in [-1, 1].
+"""Images in and out: aspect-ratio buckets, resize and centre crop, pixels in [-1, 1]; PNGs with their settings.
 
 A bucket is a (width, height) whose sides are multiples of 16 (SD3's VAE factor 8 times the patch size 2). An
 image goes to the bucket nearest its aspect ratio (in log ratio), is resized so it covers the bucket, and is
@@ -7,10 +7,16 @@ cropped at the centre; the crop box (in the original image's pixels) is recorded
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from mmdit.checkpoint import default_mode
 
 SIDE_MULTIPLE = 16
 
@@ -54,3 +60,25 @@ def resize_center_crop(image, width: int, height: int):
     resized = image.resize((width, height), Image.BICUBIC, box=box)
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
     return pixels, [round(v, 2) for v in box]
+
+
+def save_png(image: np.ndarray, path: Path, info: dict):
+    """A uint8 (H, W, 3) image as PNG with its prompt and settings (info, as JSON in "parameters") in the metadata;
+    written under a temporary name and renamed, so an interrupted run leaves no partial image."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text("prompt", str(info.get("prompt", "")))
+    meta.add_text("parameters", json.dumps(info, allow_nan=False))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=meta)
+        os.chmod(tmp, default_mode())  # mkstemp makes owner-only files; an image is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

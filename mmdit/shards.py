@@ -31,12 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmdit.config import SHARD_DTYPES
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_FIELDS = ("clip_l", "clip_l_pooled", "clip_g", "clip_g_pooled", "t5")
-DTYPES = ("float16", "bfloat16")
+DTYPES = SHARD_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -174,6 +174,23 @@ class TextEncoders:
         """(context, pooled) for the prompts, absent encoders as zeros."""
         return assemble(self.layout, len(prompts), **self.encode(prompts), dtype=dtype, device=device)
 
+    def to(self, device) -> "TextEncoders":
+        """Every present encoder moved to device (the one way sampling, precompute and training move them)."""
+        for encoder in (self.clip_l, self.clip_g, self.t5):
+            if encoder is not None:
+                encoder.model.to(device)
+        return self
+
+
+def encoders_with_layout(clip_l: ClipEncoder, clip_g: ClipEncoder, t5: T5Encoder | None, *, t5_tokens: int,
+                         clip_tokens: int = 77, context_dim: int | None = None) -> TextEncoders:
+    """The encoders with the layout their widths imply: the context is T5's width, or, without T5, context_dim
+    (the transformer's, so its zeros fit) or SD3's 4096. The one place a loaded model's TextLayout is built."""
+    width = t5.width if t5 else context_dim or TextLayout().context_dim
+    layout = TextLayout(clip_l_dim=clip_l.width, clip_g_dim=clip_g.width, context_dim=width, t5_tokens=t5_tokens,
+                        clip_tokens=clip_tokens)
+    return TextEncoders(layout, clip_l, clip_g, t5)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading. Hub ids work where the libraries can reach the hub: from_pretrained does that; nothing here downloads.
@@ -349,8 +366,5 @@ def load_diffusers_text_encoders(path, *, no_t5: bool = False, dtype: torch.dtyp
         model = T5EncoderModel.from_pretrained(path / "text_encoder_3", dtype=t5_dtype(dtype),
                                                use_safetensors=not allow_pickle or None)
         t5 = T5Encoder(model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(path / "tokenizer_3"))
-    width = t5.width if t5 else context_dim or TextLayout().context_dim
-    t5_tokens = t5_tokens or tokenizer_max_length(path / "tokenizer_3")
-    layout = TextLayout(clip_l_dim=clip_l.width, clip_g_dim=clip_g.width, context_dim=width, t5_tokens=t5_tokens,
-                        clip_tokens=tokenizer_max_length(path / "tokenizer"))
-    return TextEncoders(layout, clip_l, clip_g, t5)
+    return encoders_with_layout(clip_l, clip_g, t5, t5_tokens=t5_tokens or tokenizer_max_length(path / "tokenizer_3"),
+                                clip_tokens=tokenizer_max_length(path / "tokenizer"), context_dim=context_dim)

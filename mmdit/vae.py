@@ -43,6 +43,10 @@ class VAE:
         z = latents.to(self.dtype) / self.scaling_factor + self.shift_factor
         return self.autoencoder.decode(z, return_dict=False)[0]
 
+    def to(self, device) -> "VAE":
+        self.autoencoder.to(device)
+        return self
+
     def memory_saving(self, slicing: bool = True, tiling: bool = False):
         """Decode one image at a time (slicing) and/or in overlapping tiles (tiling) when memory is short."""
         (self.autoencoder.enable_slicing if slicing else self.autoencoder.disable_slicing)()

@@ -41,7 +41,7 @@ def diffusers_transformer(request):
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """A tiny random SD3 pipeline in diffusers' directory format (QK norm and an MMDiT-X block included)."""
-    from mmdit.tiny import save_tiny_pipeline
+    from mmdit.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline", seed=0)
 
@@ -49,7 +49,7 @@ def tiny_pipeline(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_single_file(tiny_pipeline, tmp_path_factory):
     """The same weights as one Stability-layout all-in-one file."""
-    from mmdit.pipeline import export_single_file
+    from mmdit.loading import export_single_file
 
     path = tmp_path_factory.mktemp("tiny_sai") / "tiny_sd3_incl_clips_t5.safetensors"
     export_single_file(tiny_pipeline, path)

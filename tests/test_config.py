@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 
 from mmdit import flow
-from mmdit.config import (LOSS_WEIGHTINGS, TIMESTEP_SAMPLERS, Config, config_to_dict, load_config, model_preset)
+import torch
+
+from mmdit.config import (LOSS_WEIGHTINGS, SAMPLERS, TIMESTEP_SAMPLERS, Config, config_to_dict, load_config,
+                          model_preset)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,4 +72,15 @@ def test_unreadable_and_invalid_files(tmp_path):
 
 
 def test_recipe_names_agree_with_flow():
-    assert TIMESTEP_SAMPLERS == flow.TIMESTEP_SAMPLERS and LOSS_WEIGHTINGS == flow.LOSS_WEIGHTINGS
+    """Every name the recipe and the command lines accept is implemented by mmdit.flow, and flow refuses others."""
+    sigma = torch.full((4,), 0.5)
+    for name in TIMESTEP_SAMPLERS:
+        assert flow.sample_sigmas(4, name).shape == (4,)
+    for name in LOSS_WEIGHTINGS:
+        assert flow.loss_weight(sigma, name).shape == (4,)
+    for name in SAMPLERS:
+        assert flow.sample(lambda x, s, i: -x, torch.ones(2, 3), flow.sigmas(2), name).shape == (2, 3)
+    for call in (lambda: flow.sample_sigmas(4, "beta"), lambda: flow.loss_weight(sigma, "snr"),
+                 lambda: flow.sample(lambda x, s, i: x, torch.ones(2, 3), flow.sigmas(2), "ddim")):
+        with pytest.raises(ValueError, match="unknown"):
+            call()

@@ -178,7 +178,7 @@ def test_generate_refuses_another_runs_folder(pipe, tmp_path):
 
 
 def test_summary_command(tmp_path, capsys):
-    from mmdit.eval.geneval import main
+    from mmdit.eval.cli import main
 
     rows = [{"tag": "single_object", "metadata": '{"prompt": "a"}', "correct": True},
             {"tag": "counting", "metadata": '{"prompt": "b"}', "correct": False}]
@@ -189,7 +189,7 @@ def test_summary_command(tmp_path, capsys):
 
 
 def test_summary_of_held_out_prompts_only(tmp_path, capsys):
-    from mmdit.eval.geneval import main
+    from mmdit.eval.cli import main
 
     rows = [{"tag": "colors", "metadata": json.dumps({"prompt": "a", "held_out": True}), "correct": True},
             {"tag": "colors", "metadata": json.dumps({"prompt": "b", "held_out": False}), "correct": False},

@@ -214,7 +214,7 @@ def test_official_evaluator_as_a_subprocess(tmp_path):
 
 
 def test_score_command_refuses_an_empty_folder(tmp_path, capsys):
-    from mmdit.eval.geneval import main
+    from mmdit.eval.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["score", str(tmp_path), "--detector", "toy"])

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdit import shards as S
+from mmdit import shards
 from mmdit.images import resize_center_crop
-from mmdit.pipeline import load_conditioning
+from mmdit.loading import load_conditioning
 from mmdit.text import assemble
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def precomputed(tiny_pipeline, tmp_path_factory):
 
 def test_manifest_counts_and_skips(precomputed):
     root, _ = precomputed
-    manifest = S.read_manifest(root / "out")
+    manifest = shards.read_manifest(root / "out")
     assert manifest["shards"]["00000.tar"] == 5            # 0-3 and the empty-caption sample 6
     assert 0 < manifest["shards"]["00001.tar"] < 4          # the truncated shard gives what it holds
     assert manifest["skipped"]["undecodable_image"] == 1 and manifest["skipped"]["missing_caption"] == 1
@@ -91,7 +91,7 @@ def test_manifest_counts_and_skips(precomputed):
 def test_stored_tensors_equal_the_encoders_and_vae(precomputed, tiny_pipeline):
     root, _ = precomputed
     text, vae = load_conditioning(tiny_pipeline, t5_tokens=20)
-    samples = {s["record"]["key"]: s for s in S.read_shard(root / "out" / "00000.tar")}
+    samples = {s["record"]["key"]: s for s in shards.read_shard(root / "out" / "00000.tar")}
     assert sorted(samples) == ["0000", "0001", "0002", "0003", "0006"]
     for key, seed in (("0001", 1), ("0006", 6)):
         s = samples[key]
@@ -111,14 +111,14 @@ def test_stored_tensors_equal_the_encoders_and_vae(precomputed, tiny_pipeline):
 def test_loader_and_assembly_equal_the_sampling_path(precomputed, tiny_pipeline):
     root, _ = precomputed
     text, _ = load_conditioning(tiny_pipeline, t5_tokens=20)
-    batch = next(iter(S.ShardDataset(root / "out", batch_size=2, seed=0, shuffle_buffer=1, variant_probs=[1, 0])))
+    batch = next(iter(shards.ShardDataset(root / "out", batch_size=2, seed=0, shuffle_buffer=1, variant_probs=[1, 0])))
     parts = dict(clip_l=(batch["clip_l"], batch["clip_l_pooled"]), clip_g=(batch["clip_g"], batch["clip_g_pooled"]),
                  t5=batch["t5"])
     context, pooled = assemble(text.layout, 2, **parts)
     captions = []
     for key in batch["keys"]:
         shard = "00000.tar" if int(key) < 10 else "00001.tar"
-        captions += [s["record"]["captions"][0] for s in S.read_shard(root / "out" / shard)
+        captions += [s["record"]["captions"][0] for s in shards.read_shard(root / "out" / shard)
                      if s["record"]["key"] == key]
     ref_context, ref_pooled = text.conditioning(captions)
     torch.testing.assert_close(context, ref_context, rtol=2e-3, atol=2e-3)
@@ -150,9 +150,9 @@ def test_image_folder_with_buckets(tiny_pipeline, tmp_path):
     precompute.main(["--images", str(tmp_path / "photos"), "--captions", str(tmp_path / "captions.jsonl"),
                      "--model", str(tiny_pipeline), "--out", str(tmp_path / "out"),
                      "--resolution", "64", "--buckets", "--no-t5", "--samples-per-shard", "2", "--device", "cpu"])
-    manifest = S.read_manifest(tmp_path / "out")
+    manifest = shards.read_manifest(tmp_path / "out")
     assert manifest["samples"] == 3 and manifest["skipped"] == {"missing_image": 1} and len(manifest["shards"]) == 2
-    samples = [s for name in manifest["shards"] for s in S.read_shard(tmp_path / "out" / name)]
+    samples = [s for name in manifest["shards"] for s in shards.read_shard(tmp_path / "out" / name)]
     shapes = {s["record"]["key"]: tuple(s["latent"].shape[1:]) for s in samples}
     assert shapes == {"000000000": (6, 12), "000000001": (12, 6), "000000002": (8, 8)}  # 96x48, 48x96, 64x64
     assert all("t5" not in v for s in samples for v in s["variants"])
@@ -172,7 +172,7 @@ def test_two_processes_split_the_inputs_and_the_last_writes_the_manifest(precomp
     run(inputs, tiny_pipeline, out)
     for name in ("00000.tar", "00001.tar"):
         assert (out / name).read_bytes() == (root / "out" / name).read_bytes()
-    assert S.read_manifest(out)["samples"] == S.read_manifest(root / "out")["samples"]
+    assert shards.read_manifest(out)["samples"] == shards.read_manifest(root / "out")["samples"]
 
 
 def test_rerun_with_other_settings_is_refused(precomputed, tiny_pipeline, tmp_path, capsys):
@@ -182,5 +182,5 @@ def test_rerun_with_other_settings_is_refused(precomputed, tiny_pipeline, tmp_pa
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(SystemExit) as err:
         run(inputs, tiny_pipeline, out, "--no-t5")
-    assert "other settings (t5:" in str(err.value.code)
+    assert err.value.code == 2 and "other settings (t5:" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # nothing touched

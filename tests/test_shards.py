@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit import shards as S
+from mmdit import shards
 
 C, V = 16, 2
 
@@ -30,20 +30,20 @@ def write_shards(folder, n_shards=6, per_shard=5, dtype="float16", sides=(4,)):
     counts = {}
     for s in range(n_shards):
         name = f"{s:05d}.tar"
-        with S.ShardWriter(folder / name, dtype) as w:
+        with shards.ShardWriter(folder / name, dtype) as w:
             for j in range(per_shard):
                 i = s * per_shard + j
                 key, record, latent, variants = fake_sample(i, side=sides[i % len(sides)])
                 w.write(key, record, latent, variants)
         counts[name] = w.count
-    S.write_manifest(folder, counts, {"vae": "test"}, {"undecodable": 0})
+    shards.write_manifest(folder, counts, {"vae": "test"}, {"undecodable": 0})
     return counts
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_round_trip(tmp_path, dtype):
     write_shards(tmp_path, n_shards=1, per_shard=3, dtype=dtype)
-    samples = list(S.read_shard(tmp_path / "00000.tar"))
+    samples = list(shards.read_shard(tmp_path / "00000.tar"))
     assert [s["record"]["key"] for s in samples] == ["000000", "000001", "000002"]
     for i, s in enumerate(samples):
         key, record, latent, variants = fake_sample(i)
@@ -51,7 +51,7 @@ def test_round_trip(tmp_path, dtype):
         assert s["record"]["captions"] == record["captions"] and s["record"]["dtype"] == dtype
         assert s["latent"].dtype == torch_dtype and torch.equal(s["latent"], latent.to(torch_dtype))
         for ours, ref in zip(s["variants"], variants):
-            assert set(ours) == set(S.TEXT_FIELDS)
+            assert set(ours) == set(shards.TEXT_FIELDS)
             assert all(torch.equal(ours[k], ref[k].to(torch_dtype)) for k in ref)
 
 
@@ -70,19 +70,19 @@ def test_writes_are_reproducible_and_atomic(tmp_path):
     write_shards(tmp_path / "b", n_shards=1)
     assert (tmp_path / "a" / "00000.tar").read_bytes() == (tmp_path / "b" / "00000.tar").read_bytes()
     with pytest.raises(RuntimeError):
-        with S.ShardWriter(tmp_path / "c" / "00000.tar") as w:
+        with shards.ShardWriter(tmp_path / "c" / "00000.tar") as w:
             w.write(*fake_sample(0))
             raise RuntimeError("interrupted")
     assert list((tmp_path / "c").iterdir()) == []  # no partial shard, no temporary left
 
 
 def keys_seen(folder, world_size, num_workers, seed=0, epoch=0):
-    shards = S.shard_list(folder)
+    listed = shards.shard_list(folder)
     per_stream = {}
     for rank in range(world_size):
         for worker in range(num_workers):
-            per_stream[(rank, worker)] = [s["record"]["key"] for s in S.sample_stream(
-                shards, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
+            per_stream[(rank, worker)] = [s["record"]["key"] for s in shards.sample_stream(
+                listed, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
                 num_workers=num_workers, shuffle_buffer=4)]
     return per_stream
 
@@ -103,8 +103,8 @@ def test_ranks_and_workers_see_every_sample_once_per_epoch(tmp_path):
 
 def test_resampled_streams_are_endless_and_deterministic(tmp_path):
     write_shards(tmp_path, n_shards=2, per_shard=3)
-    take = lambda: [s["record"]["key"] for _, s in zip(range(20), S.sample_stream(
-        S.shard_list(tmp_path), seed=1, epoch=0, resampled=True, shuffle_buffer=2))]
+    take = lambda: [s["record"]["key"] for _, s in zip(range(20), shards.sample_stream(
+        shards.shard_list(tmp_path), seed=1, epoch=0, resampled=True, shuffle_buffer=2))]
     first = take()
     assert len(first) == 20 and first == take()
 
@@ -123,23 +123,23 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
         for info, payload in members:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    stats = S.ReadStats()
-    keys = [s["record"]["key"] for shard in S.shard_list(tmp_path) for s in S.read_shard(shard, stats)]
+    stats = shards.ReadStats()
+    keys = [s["record"]["key"] for shard in shards.shard_list(tmp_path) for s in shards.read_shard(shard, stats)]
     assert "000001" not in keys and {"000000", "000002", "000003", "000004"} <= set(keys)
     assert stats.corrupt_samples == 1 and stats.corrupt_shards == 1 and len(keys) < 8
 
 
 def test_bucket_batches_are_single_shape_and_variants_mix(tmp_path):
     write_shards(tmp_path, n_shards=2, per_shard=12, sides=(4, 6))
-    dataset = S.ShardDataset(tmp_path, batch_size=3, seed=0, shuffle_buffer=5)
+    dataset = shards.ShardDataset(tmp_path, batch_size=3, seed=0, shuffle_buffer=5)
     batches = list(dataset)
     assert len(batches) == 8 and all(b["latent"].shape[0] == 3 for b in batches)
     assert {tuple(b["latent"].shape[2:]) for b in batches} == {(4, 4), (6, 6)}
     assert batches[0]["t5"].shape == (3, 9, 13) and batches[0]["clip_g_pooled"].shape == (3, 7)
     # 50/50 caption variants: over many draws both appear about equally.
     rng = random.Random(0)
-    sample = next(S.read_shard(tmp_path / "00000.tar"))
-    picks = [S.choose_variant(sample, rng) is sample["variants"][0] for _ in range(2000)]
+    sample = next(shards.read_shard(tmp_path / "00000.tar"))
+    picks = [shards.choose_variant(sample, rng) is sample["variants"][0] for _ in range(2000)]
     assert abs(np.mean(picks) - 0.5) < 0.05
 
 
@@ -148,7 +148,7 @@ def test_resume_continues_with_the_next_batch(tmp_path, num_workers):
     write_shards(tmp_path, n_shards=4, per_shard=6)
 
     def loader(skip):
-        dataset = S.ShardDataset(tmp_path, batch_size=2, seed=3, epoch=1, shuffle_buffer=4, skip_batches=skip)
+        dataset = shards.ShardDataset(tmp_path, batch_size=2, seed=3, epoch=1, shuffle_buffer=4, skip_batches=skip)
         return [b["keys"] for b in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)]
 
     full = loader(0)
@@ -164,10 +164,10 @@ def test_compact_t5_is_smaller_and_close(tmp_path):
                  "clip_g_pooled": torch.randn(7), "t5": t5}]
     sizes = {}
     for compact in (False, True):
-        with S.ShardWriter(tmp_path / f"{compact}.tar", compact=compact) as w:
+        with shards.ShardWriter(tmp_path / f"{compact}.tar", compact=compact) as w:
             w.write("000000", {}, torch.randn(16, 4, 4), variants)
         sizes[compact] = (tmp_path / f"{compact}.tar").stat().st_size
-        back = next(S.read_shard(tmp_path / f"{compact}.tar"))["variants"][0]["t5"].float()
+        back = next(shards.read_shard(tmp_path / f"{compact}.tar"))["variants"][0]["t5"].float()
         rel = ((back - t5).norm() / t5.norm()).item()
         assert rel < (1e-3 if not compact else 2.5e-2)
         # the outlier costs precision only in its own group of 64 channels: the scales are per group
@@ -198,13 +198,13 @@ def test_shard_cut_at_a_member_boundary_is_detected(tmp_path):
         cut = next(i.offset for i in tar.getmembers() if i.name == "000002.v0.clip_g.npy")
     data = (tmp_path / "00000.tar").read_bytes()
     (tmp_path / "00000.tar").write_bytes(data[:cut])
-    stats = S.ReadStats()
-    keys = [s["record"]["key"] for s in S.read_shard(tmp_path / "00000.tar", stats)]
+    stats = shards.ReadStats()
+    keys = [s["record"]["key"] for s in shards.read_shard(tmp_path / "00000.tar", stats)]
     assert keys == ["000000", "000001"] and stats.corrupt_shards == 1
 
 
 def test_sample_missing_a_text_member_is_rejected():
-    members = dict((name.split(".", 1)[1], data) for name, data in S.encode_sample("k", {}, *fake_sample(0)[2:]))
+    members = dict((name.split(".", 1)[1], data) for name, data in shards.encode_sample("k", {}, *fake_sample(0)[2:]))
     del members["v1.clip_g.npy"]
     with pytest.raises(ValueError, match="v1.clip_g.npy is missing"):
-        S.decode_sample(members)
+        shards.decode_sample(members)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdit import toy
+from mmdit.toy import world as toy
 from mmdit.checkpoint import load_mmdit
 from mmdit.eval.geneval import judge, keep_detections, read_metadata, summarize
-from mmdit.eval.toy import ToyDetector
+from mmdit.toy.detector import ToyDetector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_shipped_prompt_file_is_genevals_format_and_current(tmp_path):
 @pytest.fixture(scope="module")
 def toy_pipeline(tmp_path_factory):
     """A toy pipeline as data/make_toy.py builds it, with a VAE trained for a few steps only."""
-    from mmdit.tiny import save_toy_pipeline
+    from mmdit.toy.components import save_toy_pipeline
 
     rng = np.random.default_rng(0)
     images = np.stack([toy.render(toy.sample_scene(rng, "colors")[0]) for _ in range(8)])
@@ -119,8 +119,8 @@ def toy_pipeline(tmp_path_factory):
 
 def test_vae_locality_splices():
     """The VAE's locality term splices two items at a cut of the latent grid; the same cut, scaled up, splices
-    their pictures (mmdit.tiny.train_vae)."""
-    from mmdit.tiny import _splice, latent_cuts
+    their pictures (mmdit.toy.components.train_vae)."""
+    from mmdit.toy.components import _splice, latent_cuts
 
     cuts = latent_cuts(64, 8, np.random.default_rng(0))
     assert cuts.shape == (64, 1, 8, 8) and set(cuts.unique().tolist()) == {0.0, 1.0}
@@ -155,12 +155,13 @@ def test_toy_pipeline_loads_as_any_diffusers_pipeline(toy_pipeline):
 
 
 def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
-    """train.py prepares the toy world itself (make_toy, precompute), trains and exports a pipeline; sample.py
+    """train.py prepares the toy world itself (mmdit.toy.prepare: the world, then precompute), trains and exports a pipeline; sample.py
     draws from it; the GenEval generator, toy judge and summary score it; the float16 bundle changes nothing."""
     train, sample = load_entry_point("train.py"), load_entry_point("sample.py")
     run = tmp_path / "run"
-    world_args = '["--train-samples","64","--val-samples","16","--vae-steps","3","--vae-images","16"]'
-    assert train.main([f"data.prepare_dir={tmp_path / 'world'}", f"data.shards={tmp_path / 'shards/train'}",
+    world_args = json.dumps(["--out", str(tmp_path / "world"), "--train-samples", "64", "--val-samples", "16",
+                             "--vae-steps", "3", "--vae-images", "16"])
+    assert train.main([f"data.shards={tmp_path / 'shards/train'}",
                        f"data.val_shards={tmp_path / 'shards/val'}", f"data.prepare_args={world_args}",
                        "train.steps=4", f"train.out_dir={run}", f"train.sample_model={tmp_path / 'world/pipeline'}",
                        "train.val_every=4", "train.log_every=2", "train.sample_steps=2", "data.shuffle_buffer=8",
@@ -176,7 +177,7 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
                  "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
 
-    from mmdit.eval.geneval import main as geneval
+    from mmdit.eval.cli import main as geneval
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in toy.evaluation_prompts()[:4]))
@@ -199,7 +200,7 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
 
 
 def test_the_bundled_model_is_the_default_and_small(tmp_path):
-    from mmdit.pipeline import BUNDLED_MODEL, BUNDLED_MODEL_CFG, SD3_CFG, default_cfg
+    from mmdit.sampling_cli import BUNDLED_MODEL, BUNDLED_MODEL_CFG, SD3_CFG, default_cfg
 
     size = sum(f.stat().st_size for f in BUNDLED_MODEL.rglob("*") if f.is_file())
     assert (BUNDLED_MODEL / "model_index.json").is_file() and size < 20 * 2**20
@@ -227,4 +228,4 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     train = load_entry_point("train.py")
     with pytest.raises(SystemExit) as e:
         train.main(["data.prepare=imagenet", f"train.out_dir={tmp_path / 'run'}"])
-    assert e.value.code == 2 and "data.prepare 'imagenet': accepted: toy" in capsys.readouterr().err
+    assert e.value.code == 2 and "data.prepare 'imagenet': accepted: a module of mmdit" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdit import shards as S
+from mmdit import shards
 from mmdit.checkpoint import load_mmdit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def make_shards(folder, n_shards=3, per_shard=8):
     counts = {}
     for s in range(n_shards):
         name = f"{s:05d}.tar"
-        with S.ShardWriter(folder / name) as w:
+        with shards.ShardWriter(folder / name) as w:
             for j in range(per_shard):
                 i = s * per_shard + j
                 g = torch.Generator().manual_seed(i)
@@ -34,20 +34,20 @@ def make_shards(folder, n_shards=3, per_shard=8):
                            "t5": torch.randn(6, 32, generator=g) + level}
                 w.write(f"{i:06d}", {"captions": [str(i)]}, latent, [variant])
         counts[name] = w.count
-    S.write_manifest(folder, counts, {}, {})
+    shards.write_manifest(folder, counts, {}, {})
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shard_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     make_shards(root / "train")
     make_shards(root / "val", n_shards=1)
     return root
 
 
-def args(shards, out, *extra):
-    return ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={shards / 'train'}",
-            f"data.val_shards={shards / 'val'}", f"train.out_dir={out}", "data.caption_variant_probs=[1]", *extra]
+def args(shard_dir, out, *extra):
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={shard_dir / 'train'}",
+            f"data.val_shards={shard_dir / 'val'}", f"train.out_dir={out}", "data.caption_variant_probs=[1]", *extra]
 
 
 def losses(out):
@@ -55,8 +55,8 @@ def losses(out):
             if "loss" in r}
 
 
-def test_loss_falls(shards, tmp_path):
-    train_cli.main(args(shards, tmp_path / "run", "train.steps=150", "train.log_every=1", "optim.lr=1e-3"))
+def test_loss_falls(shard_dir, tmp_path):
+    train_cli.main(args(shard_dir, tmp_path / "run", "train.steps=150", "train.log_every=1", "optim.lr=1e-3"))
     curve = losses(tmp_path / "run")
     # A fresh model predicts 0, so the loss starts near E|noise - x0|^2 (about 1.4 here); noise keeps it well
     # above 0 at high sigma, so a fall of a fifth is a model that learned.
@@ -67,12 +67,12 @@ def test_loss_falls(shards, tmp_path):
     assert events and events[0].stat().st_size > 1000   # loss, lr, grad norm, throughput, validation per sigma
 
 
-def test_resume_is_bit_exact(shards, tmp_path):
+def test_resume_is_bit_exact(shard_dir, tmp_path):
     """2N steps in one go == N steps, stop, resume, N steps: every loss and the final weights."""
     common = ("train.log_every=1", "train.checkpoint_every=100", "data.batch_size=3")
-    train_cli.main(args(shards, tmp_path / "one", "train.steps=14", *common))
-    train_cli.main(args(shards, tmp_path / "two", "train.steps=7", *common))
-    train_cli.main(args(shards, tmp_path / "two", "train.steps=14", *common) + ["--resume", "latest"])
+    train_cli.main(args(shard_dir, tmp_path / "one", "train.steps=14", *common))
+    train_cli.main(args(shard_dir, tmp_path / "two", "train.steps=7", *common))
+    train_cli.main(args(shard_dir, tmp_path / "two", "train.steps=14", *common) + ["--resume", "latest"])
     assert losses(tmp_path / "one") == losses(tmp_path / "two")      # 14 steps cross an epoch boundary (24 / 3)
     for name in ("model", "ema"):
         a = load_mmdit(tmp_path / "one" / "checkpoints" / "step_00000014" / f"{name}.safetensors").state_dict()
@@ -80,11 +80,11 @@ def test_resume_is_bit_exact(shards, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_validation_is_deterministic_and_ema_is_the_formula(shards, tmp_path):
+def test_validation_is_deterministic_and_ema_is_the_formula(shard_dir, tmp_path):
     from mmdit.config import TextLayout, load_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
-    train_cli.main(args(shards, tmp_path / "run", "train.steps=3", "train.checkpoint_every=1",
+    train_cli.main(args(shard_dir, tmp_path / "run", "train.steps=3", "train.checkpoint_every=1",
                         "train.keep_checkpoints=5", "train.ema_decay=0.5"))
     ckpt = tmp_path / "run" / "checkpoints"
     ema2, ema3 = (load_mmdit(ckpt / f"step_0000000{k}" / "ema.safetensors").state_dict() for k in (2, 3))
@@ -92,7 +92,7 @@ def test_validation_is_deterministic_and_ema_is_the_formula(shards, tmp_path):
     for k in ema3:
         torch.testing.assert_close(ema3[k], 0.5 * ema2[k] + 0.5 * model3[k], rtol=0, atol=1e-7)
     model = load_mmdit(ckpt / "step_00000003" / "model.safetensors")
-    batches = [b for _, b in zip(range(2), S.ShardDataset(shards / "val", 4, shuffle_buffer=1))]
+    batches = [b for _, b in zip(range(2), shards.ShardDataset(shard_dir / "val", 4, shuffle_buffer=1))]
     layout = TextLayout(clip_l_dim=8, clip_g_dim=16, context_dim=32, clip_tokens=5, t5_tokens=6)
     first = train_cli.validation_loss(model, batches, layout, cfg, torch.device("cpu"))
     torch.manual_seed(123)  # the global RNG plays no part
@@ -105,30 +105,30 @@ def test_validation_is_deterministic_and_ema_is_the_formula(shards, tmp_path):
     (["data.shards=/nonexistent/shards"], "cannot read shard manifest"),
     (["optim.cooldown_steps=-1"], "optim.cooldown_steps must be >= 0"),
 ])
-def test_bad_recipe_fails_before_compute(shards, tmp_path, capsys, extra, match):
+def test_bad_recipe_fails_before_compute(shard_dir, tmp_path, capsys, extra, match):
     with pytest.raises(SystemExit) as err:
-        train_cli.main(args(shards, tmp_path / "run", *extra))
+        train_cli.main(args(shard_dir, tmp_path / "run", *extra))
     assert err.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_non_finite_losses_stop_the_run(shards, tmp_path, capsys):
+def test_non_finite_losses_stop_the_run(shard_dir, tmp_path, capsys):
     # A learning rate of inf blows the weights up after the first step: every later loss is non-finite.
     with pytest.raises(SystemExit) as err:
-        train_cli.main(args(shards, tmp_path / "run", "optim.lr=1e30", "optim.warmup_steps=1", "optim.grad_clip=1e30",
+        train_cli.main(args(shard_dir, tmp_path / "run", "optim.lr=1e30", "optim.warmup_steps=1", "optim.grad_clip=1e30",
                             "train.max_bad_steps=3", "train.steps=20", "train.checkpoint_every=1"))
     assert err.value.code == 2 and "non-finite losses in a row" in capsys.readouterr().err
 
 
-def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(shards, tmp_path):
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(shard_dir, tmp_path):
     import signal
     import subprocess
     import sys
     import time
 
     common = ("train.log_every=1", "train.checkpoint_every=1000", "train.steps=200", "data.batch_size=3")
-    train_cli.main(args(shards, tmp_path / "ref", *common))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(shards, tmp_path / "run", *common)],
+    train_cli.main(args(shard_dir, tmp_path / "ref", *common))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(shard_dir, tmp_path / "run", *common)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 120
@@ -139,7 +139,7 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(shards, tmp_path)
     assert proc.returncode == 0 and "saved" in err
     stopped_at = max(losses(tmp_path / "run"))
     assert stopped_at < 200  # it really stopped early
-    train_cli.main(args(shards, tmp_path / "run", *common) + ["--resume", "latest"])
+    train_cli.main(args(shard_dir, tmp_path / "run", *common) + ["--resume", "latest"])
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
 
 
@@ -228,12 +228,12 @@ def test_two_processes_with_deepspeed_zero2(tmp_path):
     same_run(tmp_path / "ref", tmp_path / "sig", 300)
 
 
-def test_gradient_accumulation_equals_the_big_batch(shards, tmp_path):
+def test_gradient_accumulation_equals_the_big_batch(shard_dir, tmp_path):
     """2 micro-batches of 2 give the step of one batch of 4 (same samples, same noise draws: up to rounding)."""
     common = ("train.steps=3", "train.checkpoint_every=100", "data.shuffle_buffer=1", "text.drop_clip_l=0",
               "text.drop_clip_g=0", "text.drop_t5=0")
-    train_cli.main(args(shards, tmp_path / "big", "data.batch_size=4", *common))
-    train_cli.main(args(shards, tmp_path / "acc", "data.batch_size=2", "optim.grad_accum=2", *common))
+    train_cli.main(args(shard_dir, tmp_path / "big", "data.batch_size=4", *common))
+    train_cli.main(args(shard_dir, tmp_path / "acc", "data.batch_size=2", "optim.grad_accum=2", *common))
     big = load_mmdit(tmp_path / "big" / "export" / "ema.safetensors").state_dict()
     acc = load_mmdit(tmp_path / "acc" / "export" / "ema.safetensors").state_dict()
     assert max((big[k] - acc[k]).abs().max().item() for k in big) < 1e-4
@@ -250,13 +250,13 @@ def test_finetune_an_sd3_pipeline_and_load_the_export_in_diffusers(tiny_pipeline
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
-    with S.ShardWriter(tmp_path / "shards" / "00000.tar") as w:
+    with shards.ShardWriter(tmp_path / "shards" / "00000.tar") as w:
         for i in range(4):
             variant = {"clip_l": torch.randn(5, 64, generator=g), "clip_l_pooled": torch.randn(64, generator=g),
                        "clip_g": torch.randn(5, 128, generator=g), "clip_g_pooled": torch.randn(128, generator=g),
                        "t5": torch.randn(6, 256, generator=g)}
             w.write(f"{i:06d}", {"captions": ["x"]}, torch.randn(16, 8, 8, generator=g), [variant])
-    S.write_manifest(tmp_path / "shards", {"00000.tar": 4}, {}, {})
+    shards.write_manifest(tmp_path / "shards", {"00000.tar": 4}, {}, {})
     train_cli.main(["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'shards'}",
                     f"model.init_from={tiny_pipeline}", f"train.out_dir={tmp_path / 'run'}", "train.steps=2",
                     "data.caption_variant_probs=[1]", "train.checkpoint_every=100",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mmdit import shards as S
+from mmdit import shards
 from mmdit.bench.model import bare_train_step
 
 SHAPES = {"clip_l": (77, 768), "clip_l_pooled": (768,), "clip_g": (77, 1280), "clip_g_pooled": (1280,),
@@ -24,7 +24,7 @@ SHAPES = {"clip_l": (77, 768), "clip_l_pooled": (768,), "clip_g": (77, 1280), "c
 def write_synthetic(folder: Path, samples: int, per_shard: int, variants: int, compact: bool) -> int:
     g = torch.Generator().manual_seed(0)
     for start in range(0, samples, per_shard):
-        with S.ShardWriter(folder / f"{start // per_shard:05d}.tar", compact=compact) as w:
+        with shards.ShardWriter(folder / f"{start // per_shard:05d}.tar", compact=compact) as w:
             for i in range(start, min(start + per_shard, samples)):
                 text = [{k: torch.randn(shape, generator=g) for k, shape in SHAPES.items()} for _ in range(variants)]
                 record = {"captions": [f"caption {i} variant {v}" for v in range(variants)],
@@ -34,7 +34,7 @@ def write_synthetic(folder: Path, samples: int, per_shard: int, variants: int, c
 
 
 def loader_rate(folder: Path, batch_size: int) -> float:
-    dataset = S.ShardDataset(sorted(str(p) for p in folder.glob("*.tar")), batch_size=batch_size, seed=0,
+    dataset = shards.ShardDataset(sorted(str(p) for p in folder.glob("*.tar")), batch_size=batch_size, seed=0,
                              shuffle_buffer=256)
     start, n = time.perf_counter(), 0
     for batch in dataset:

@@ -60,10 +60,10 @@ def run(args):
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from mmdit.tiny import save_tiny_pipeline
+            from mmdit.testing import save_tiny_pipeline
 
             model = str(save_tiny_pipeline(Path(tmp) / "tiny"))
-            what = "a tiny random SD3 pipeline (mmdit.tiny: 2-block MM-DiT, 2-layer encoders, 4-level VAE)"
+            what = "a tiny random SD3 pipeline (mmdit.testing: 2-block MM-DiT, 2-layer encoders, 4-level VAE)"
         else:
             what = model
         print(f"sampling benchmark on {device}, {dtype}: mmdit SD3Pipeline vs diffusers StableDiffusion3Pipeline "

@@ -16,23 +16,15 @@ import json
 import math
 import os
 import re
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from mmdit.eval.detection import Detection
+
 THRESHOLD, COUNTING_THRESHOLD, MAX_OBJECTS, POSITION_THRESHOLD = 0.3, 0.9, 16, 0.1
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-
-@dataclass
-class Detection:
-    box: tuple[float, float, float, float]   # x1, y1, x2, y2 in pixels
-    score: float
-    color: str | None = None                 # filled by a colour classifier when a clause asks for one
-    mask: np.ndarray | None = field(default=None, repr=False, compare=False)   # (H, W) bool, where segmented
 
 
 def read_metadata(path) -> list[dict]:
@@ -205,7 +197,7 @@ def _write_lines(path: Path, lines: list[dict]):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Generating in GenEval's layout, and the command line
+# Generating in GenEval's layout (the command line: mmdit.eval.cli)
 
 
 def image_seed(seed: int, prompt_index: int, sample_index: int, samples_per_prompt: int) -> int:
@@ -215,16 +207,21 @@ def image_seed(seed: int, prompt_index: int, sample_index: int, samples_per_prom
 
 def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int = 4, seed: int = 42,
              batch_size: int = 4, record: dict | None = None, rank: int = 0, world_size: int = 1,
-             overwrite: bool = False, grid: bool = False) -> int:
+             overwrite: bool = False, grid: bool = False, progress=None) -> int:
     """Write DIR/NNNNN/metadata.jsonl and DIR/NNNNN/samples/NNNN.png for every prompt (this rank's: every
     world_size-th), skipping images already there; DIR/config.json records every setting and refuses a rerun with
     other settings unless overwrite; with grid, DIR/NNNNN/grid.png shows a prompt's samples side by side (the
-    evaluator ignores it). Returns the number of images made."""
-    from mmdit.pipeline import save_png, settings_record
+    evaluator ignores it). Everything is checked before the first write. progress(total) -> a bar with update(n).
+    Returns the number of images made."""
+    from mmdit.images import save_png
 
     entries = read_metadata(metadata_path)
+    if samples_per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"samples_per_prompt and batch_size must be >= 1, got {samples_per_prompt} and "
+                         f"{batch_size}")
+    pipe.check_size(settings.width, settings.height)
     outdir = Path(outdir)
-    config = {**settings_record(settings), **(record or {}), "samples_per_prompt": samples_per_prompt,
+    config = {**settings.record(), **(record or {}), "samples_per_prompt": samples_per_prompt,
               "seed": seed, "seed_rule": "seed + prompt_index * samples_per_prompt + sample_index",
               "metadata": str(metadata_path)}
     config_file = outdir / "config.json"
@@ -241,19 +238,24 @@ def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int =
     for i, entry in enumerate(entries):
         if i % world_size != rank:
             continue
-        folders.append(outdir / f"{i:05d}")
         folder = outdir / f"{i:05d}"
+        folders.append(folder)
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(entry) + "\n")
         for j in range(samples_per_prompt):
             if not (folder / "samples" / f"{j:04d}.png").is_file():
                 jobs.append((entry["prompt"], image_seed(seed, i, j, samples_per_prompt),
                              folder / "samples" / f"{j:04d}.png"))
+    bar = progress(len(jobs)) if progress else None
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         images = pipe.generate([p for p, _, _ in batch], [s for _, s, _ in batch], settings)
         for (prompt, s, path), image in zip(batch, images):
             save_png(image, path, {"prompt": prompt, "seed": s, **config})
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     if grid:
         from PIL import Image
 
@@ -265,127 +267,7 @@ def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int =
     return len(jobs)
 
 
-def print_summary(summary: dict):
-    print(f"images {summary['images']}, prompts {summary['prompts']}: {summary['correct_images']:.2%} of images "
-          f"and {summary['correct_prompts']:.2%} of prompts correct")
-    for tag in [t for t in TASKS if t in summary["tasks"]] + [t for t in summary["tasks"] if t not in TASKS]:
-        print(f"  {tag:<14s} {summary['tasks'][tag]:.4f}")
-    print(f"  {'overall':<14s} {summary['overall']:.4f}   (unweighted mean of the task accuracies)")
+if __name__ == "__main__":   # `python3 -m mmdit.eval.geneval ...`, as the README writes it
+    from mmdit.eval.cli import main
 
-
-def main(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m mmdit.eval.geneval", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="images in GenEval's folder layout")
-    g.add_argument("--metadata", required=True)
-    g.add_argument("--outdir", required=True)
-    g.add_argument("--model", default=None, help="as sample.py (default: the bundled toy-world model)")
-    g.add_argument("--samples-per-prompt", type=int, default=4)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--batch-size", type=int, default=4)
-    g.add_argument("--no-t5", action="store_true")
-    g.add_argument("--steps", type=int, default=28)
-    g.add_argument("--cfg", type=float, default=None, help="default: as sample.py (7.0; 2.0 for the bundled toy "
-                   "model)")
-    g.add_argument("--shift", type=float, default=None)
-    g.add_argument("--sampler", default="euler")
-    g.add_argument("--width", type=int, default=None, help="default: the model's own size (the SD3 paper's "
-                   "Table 5 used 512 and 1024)")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (as sample.py)")
-    g.add_argument("--t5-tokenizer", default=None)
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--grid", action="store_true", help="also DIR/NNNNN/grid.png: each prompt's samples in a row")
-    c = sub.add_parser("score", help="judge a generated folder; writes results.jsonl in GenEval's format")
-    c.add_argument("outdir", help="a folder in GenEval's layout (what `generate` writes)")
-    c.add_argument("--outfile", help="default: OUTDIR/results.jsonl")
-    c.add_argument("--detector", choices=("mask2former", "toy"), default="mask2former")
-    c.add_argument("--detector-model", default=None, help="Mask2Former in transformers' layout (folder or hub id; "
-                   "default facebook/mask2former-swin-small-coco-instance)")
-    c.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name for colours")
-    c.add_argument("--clip-pretrained", default="openai", help="open_clip weights: a tag or a file")
-    c.add_argument("--official", metavar="PATH", help="score with the official evaluator: a djghosh13/geneval "
-                   "checkout, run with --official-python (an environment with mmdet)")
-    c.add_argument("--official-python", default=sys.executable)
-    c.add_argument("--official-model-path", default=None, help="the evaluator's --model-path (default PATH/models)")
-    s = sub.add_parser("summary", help="per-task and overall scores of a results.jsonl")
-    s.add_argument("results")
-    s.add_argument("--json", help="also write the summary here")
-    s.add_argument("--only", choices=("held_out", "seen"), help="prompts whose metadata marks them held out of "
-                   "training (\"held_out\": true, as the toy prompt file does), or the others")
-    args = p.parse_args(argv)
-
-    try:
-        if args.command == "summary":
-            results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-            if args.only:
-                def held_out(r):
-                    meta = json.loads(r["metadata"]) if isinstance(r["metadata"], str) else r["metadata"]
-                    return bool(meta.get("held_out", False))
-
-                results = [r for r in results if held_out(r) == (args.only == "held_out")]
-                if not results:
-                    raise ValueError(f"no results in {args.results} are marked {args.only}")
-            summary = summarize(results)
-            print_summary(summary)
-            if args.json:
-                Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-            return
-        import torch
-
-        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        # under accelerate launch each process has its own GPU (LOCAL_RANK)
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-        if args.command == "score":
-            from mmdit.eval.detectors import MASK2FORMER_ID, ClipColors, Mask2FormerDetector, run_official
-
-            outfile = Path(args.outfile or Path(args.outdir) / "results.jsonl")
-            if not read_layout(args.outdir):
-                raise ValueError(f"{args.outdir} holds no images in GenEval's layout (NNNNN/samples/NNNN.png)")
-            if args.official:
-                if rank == 0:
-                    run_official(args.outdir, outfile, args.official, args.official_python, args.official_model_path)
-                    print(f"official results in {outfile}")
-                return
-            if args.detector == "toy":
-                from mmdit.eval.toy import ToyDetector
-                detector, colors = ToyDetector(), None
-            else:
-                detector = Mask2FormerDetector(args.detector_model or MASK2FORMER_ID, device)
-                colors = ClipColors.from_open_clip(args.clip_model, args.clip_pretrained, device)
-            written = score(args.outdir, detector, outfile, colors, rank, world_size)
-            if written:
-                print_summary(summarize([json.loads(line) for line in written.read_text().splitlines()]))
-                print(f"results in {written}")
-            return
-
-        from mmdit.pipeline import SD3Pipeline, Settings, resolve_model, weights_digest
-
-        read_metadata(args.metadata)   # a bad line stops here, before any model loads
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        from mmdit.pipeline import BUNDLED_MODEL, default_cfg
-
-        args.cfg = default_cfg(args.model) if args.cfg is None else args.cfg
-        args.model = str(BUNDLED_MODEL) if args.model is None else args.model
-        pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
-                                t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer)
-        settings = Settings(steps=args.steps, cfg=args.cfg, shift=pipe.shift if args.shift is None else args.shift,
-                            sampler=args.sampler, width=args.width or pipe.default_side,
-                            height=args.height or pipe.default_side)
-        pipe.check_size(settings.width, settings.height)
-        record = {"model": str(args.model), "model_sha256": weights_digest(resolve_model(args.model, args.no_t5)),
-                  "t5": not args.no_t5, "max_sequence_length": pipe.text.layout.t5_tokens,
-                  "dtype": str(dtype).replace("torch.", "")}
-        made = generate(args.metadata, args.outdir, pipe, settings, samples_per_prompt=args.samples_per_prompt,
-                        seed=args.seed, batch_size=args.batch_size, record=record,
-                        rank=rank, world_size=world_size, overwrite=args.overwrite, grid=args.grid)
-        print(f"{made} images written to {args.outdir}")
-    except (ValueError, OSError) as e:
-        print(f"geneval: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
     main()

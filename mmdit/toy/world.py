@@ -4,7 +4,7 @@ Three shapes (circle, square, triangle: GenEval's "classes") in GenEval's ten co
 plain grey background at 64x64 (an 8x8 latent: 16 image tokens). Scenes come in GenEval's six tasks: single
 object, two objects, counting (two to four), colours, position (left of, right of, above, below) and colour
 attribution. The world is small enough that an SD3-architecture pipeline trains on it on a CPU in minutes, and plain
-image analysis can judge it (mmdit.eval.toy), so it gives a quality signal on any machine.
+image analysis can judge it (mmdit.toy.detector), so it gives a quality signal on any machine.
 
 Held out of training, so generalisation can be measured (HELD_OUT_*): six colour-shape pairs are never drawn at
 all; three count-shape combinations are never drawn; four position phrasings and two two-object orderings never

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmdit.eval.geneval import Detection
-from mmdit.toy import BACKGROUND, PALETTE
+from mmdit.toy.world import BACKGROUND, PALETTE
 
 _NAMES = list(PALETTE)
 _RGB = np.array([PALETTE[c] for c in _NAMES], dtype=np.float32)

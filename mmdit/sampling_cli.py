@@ -1,0 +1,148 @@
+"""The sampling command line, shared by sample.py and `python3 -m mmdit.eval.geneval generate`.
+
+One set of flags (the model, how to load it, how to sample), one check of their values, done before any model
+loads or any file is written, and the Settings they produce once the model is known. Importing this module loads
+no torch, so --help answers at once; torch comes with `device_and_dtype` and `load_pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from mmdit.cli import UsageError, one_line
+from mmdit.config import SAMPLERS, Settings
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "toy_pipeline"   # the toy world's model (data/make_toy.py)
+SD3_CFG = 7.0            # StableDiffusion3Pipeline's default guidance scale
+BUNDLED_MODEL_CFG = 2.0  # guidance darkens the toy model's colours and tints its background (README: toy world)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SEED_LIMIT = 2**63 - 2**32   # torch's generators take seeds below 2^64; image i uses seed + i, so leave room
+MAX_BATCH, MAX_T5_TOKENS = 1024, 512   # 512: the longest T5 sequence diffusers' SD3 pipeline accepts
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?"
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, seed: int, batch_size: int):
+    """The shared flags. seed and batch_size are the defaults of the calling command (GenEval's convention is
+    seed 42 and batches of 4; sample.py starts at seed 0, one image at a time)."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=None, help="a diffusers SD3 pipeline directory, a Stability single file or "
+                       "a hub id (default: the bundled toy-world model)")
+    model.add_argument("--no-t5", action="store_true", help="leave T5 out (its weights are never read): zeros "
+                       "instead, as training's dropout")
+    model.add_argument("--t5-tokenizer", default=None, help="for Stability single files: the T5 tokenizer, a path "
+                       "or hub id (default: google/t5-v1_1-xxl)")
+    model.add_argument("--max-sequence-length", type=int, default=None, help=f"T5 tokens, 1 to {MAX_T5_TOKENS} "
+                       "(default: 77, or the tokenizer's model_max_length when shorter; diffusers uses 256)")
+    model.add_argument("--clip-g", default=None, help="replace CLIP-G: a safetensors file in transformers' or "
+                       "open_clip's layout")
+    model.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights in a diffusers "
+                       "directory (loaded weights-only)")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else "
+                       "cpu)")
+    model.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on cuda, fp32 elsewhere")
+    model.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in little memory")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--steps", type=int, default=28, help="sampling steps")
+    sampling.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale, 0 to 100; <= 1 "
+                          f"turns it off (default: {SD3_CFG} as diffusers, {BUNDLED_MODEL_CFG} for the bundled toy "
+                          f"model)")
+    sampling.add_argument("--shift", type=float, default=None, help="the schedule's shift, in (0, 100] (default: the "
+                          "model's scheduler shift, 3.0 for SD3)")
+    sampling.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
+    sampling.add_argument("--negative-prompt", default="", help="what guidance pushes away from (default: the empty "
+                          "string, encoded)")
+    sampling.add_argument("--slg-layers", type=int, nargs="*", default=[], help="skip-layer guidance blocks, e.g. "
+                          "7 8 9 for SD3.5 Medium (default: off)")
+    sampling.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale")
+    sampling.add_argument("--width", type=int, default=None, help="default: the model's own size (1024 for SD3)")
+    sampling.add_argument("--height", type=int, default=None, help="default: the model's own size")
+    sampling.add_argument("--seed", type=int, default=seed, help="the first image's seed; image i uses seed + i")
+    sampling.add_argument("--batch-size", type=int, default=batch_size, help=f"images per forward pass, 1 to "
+                          f"{MAX_BATCH}")
+
+
+def check_arguments(args: argparse.Namespace, images: int):
+    """Every shared value checked before any work: ranges, finiteness, files that must exist. images: how many
+    this run makes (their seeds must fit). Fills in the bundled model and its guidance when none is given. Raises
+    UsageError naming the flag."""
+    if images < 1:
+        raise UsageError(f"nothing to make: {images} images")
+    if args.cfg is None:
+        args.cfg = default_cfg(args.model)
+    if args.model is None:
+        args.model = str(BUNDLED_MODEL)
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch-size must be in [1, {MAX_BATCH}], got {args.batch_size}")
+    if args.max_sequence_length is not None and not 1 <= args.max_sequence_length <= MAX_T5_TOKENS:
+        raise UsageError(f"--max-sequence-length must be in [1, {MAX_T5_TOKENS}], got {args.max_sequence_length}")
+    if not 0 <= args.seed or args.seed + images > SEED_LIMIT:
+        raise UsageError(f"--seed must be >= 0 and seed + images ({images}) at most 2^63 - 2^32, got {args.seed}")
+    if args.device is not None and not re.fullmatch(DEVICE_PATTERN, args.device):
+        raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N, mps")
+    if args.clip_g is not None and not Path(args.clip_g).is_file():
+        raise UsageError(f"--clip-g {args.clip_g} is not a file")
+    settings_from(args, shift=None, side=16)   # the sampling values themselves (size placeholder when unset)
+
+
+def settings_from(args: argparse.Namespace, shift: float | None, side: int) -> Settings:
+    """The Settings the flags ask for; shift and side are the model's, used where a flag is unset."""
+    try:
+        return Settings(steps=args.steps, cfg=args.cfg, shift=shift if args.shift is None else args.shift,
+                        sampler=args.sampler, width=args.width or side, height=args.height or side,
+                        negative_prompt=args.negative_prompt, slg_layers=tuple(args.slg_layers),
+                        slg_scale=args.slg_scale)
+    except ValueError as e:   # Settings names its field; the user typed a flag
+        field, _, rest = str(e).partition(" ")
+        raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
+
+
+def default_cfg(model) -> float:
+    """The guidance scale when none is given: the bundled toy model's own for it (model None or its folder), SD3's
+    for any other model."""
+    bundled = model is None or Path(model).expanduser().resolve() == BUNDLED_MODEL
+    return BUNDLED_MODEL_CFG if bundled else SD3_CFG
+
+
+def device_and_dtype(args: argparse.Namespace):
+    """(torch.device, torch.dtype) the flags ask for: cuda when present, bf16 there, fp32 elsewhere."""
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but no CUDA device is available")
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")])
+    return device, dtype
+
+
+def load_pipeline(args: argparse.Namespace, device, dtype):
+    """(pipeline, settings) for checked flags: the model loaded quietly onto device, its defaults filled in, and
+    the values that depend on the model (its size multiple, its blocks) checked. Raises UsageError."""
+    from mmdit.cli import quiet_libraries
+    from mmdit.pipeline import SD3Pipeline
+
+    quiet_libraries()
+    try:
+        pipe = SD3Pipeline.load(args.model, no_t5=args.no_t5, dtype=dtype, device=device,
+                                t5_tokens=args.max_sequence_length, t5_tokenizer=args.t5_tokenizer,
+                                allow_pickle=args.allow_pickle, clip_g=args.clip_g)
+    except (ValueError, OSError) as e:   # CheckpointError is a ValueError
+        raise UsageError(one_line(e)) from None
+    settings = settings_from(args, pipe.shift, pipe.default_side)
+    try:
+        pipe.check_size(settings.width, settings.height)
+    except ValueError as e:
+        raise UsageError(f"--width / --height: {one_line(e)}") from None
+    depth = pipe.transformer.config.depth
+    outside = [i for i in settings.slg_layers if i >= depth]
+    if outside:
+        raise UsageError(f"--slg-layers {outside} lie outside blocks 0..{depth - 1}")
+    pipe.vae.memory_saving(slicing=True, tiling=args.vae_tiling)
+    return pipe, settings
+
+
+def run_record(args: argparse.Namespace, pipe, settings: Settings, dtype) -> dict:
+    """What each image's metadata records beside its prompt and seed."""
+    return {**settings.record(), "model": str(args.model), "t5": not args.no_t5,
+            "max_sequence_length": pipe.text.layout.t5_tokens, "dtype": str(dtype).replace("torch.", "")}

@@ -1,0 +1,147 @@
+"""The toy world's SD3 components: a 16-channel VAE trained on its images, frozen small CLIP-L / CLIP-G / T5
+towers, tokenizers sized to its captions, the "toy" MM-DiT preset (untrained) and its scheduler, saved as a diffusers
+StableDiffusion3Pipeline directory that every real loader reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmdit.testing import tiny_components
+
+def toy_vae(side: int = 64):
+    """SD3's VAE design (16 latent channels, 4 levels: 8x down) at toy widths, before training; side: the image
+    size it is made for (its config's sample_size, the pipeline's default size)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 64, 64),
+                         layers_per_block=1, latent_channels=16, norm_num_groups=16, use_quant_conv=False,
+                         use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0, sample_size=side,
+                         mid_block_add_attention=False)
+
+
+def latent_cuts(n: int, side: int, rng) -> torch.Tensor:
+    """(n, 1, side, side) masks on a latent grid, each keeping one side of a random horizontal or vertical cut."""
+    masks = torch.zeros(n, 1, side, side)
+    for i in range(n):
+        k = int(rng.integers(1, side))
+        if rng.random() < 0.5:
+            masks[i, :, :, :k] = 1
+        else:
+            masks[i, :, :k, :] = 1
+        if rng.random() < 0.5:
+            masks[i] = 1 - masks[i]
+    return masks
+
+
+def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-6,
+              object_weight: float = 20.0, locality_weight: float = 0.1, compute_dtype: torch.dtype | None = None,
+              seed: int = 0, progress=None):
+    """Reconstruction (L1 + L2, objects weighted up) plus a small KL, on whole images ((N, H, W, 3) uint8), with
+    a locality term; compute_dtype: an autocast dtype (the caller's choice; master weights stay fp32).
+
+    Locality: each step also decodes a spliced latent (one image's latent on one side of a random cut of the latent
+    grid, another image's on the other) to the same splice of the two pictures, and encodes the spliced picture to
+    the spliced latent. GroupNorm normalises over the whole picture, and toy pictures are mostly background, so
+    without this the VAE learns a holistic code: one added shape moved every latent, and latents that a diffusion
+    model assembles region by region decoded to texture all over the picture.
+
+    Afterwards the latent factors are set from the data, as SD3's were: shift = mean and scaling = 1 / std of the
+    posterior means."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    data = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    B = batch_size
+    vae.train()
+    for step in range(steps):
+        x = data[rng.integers(0, len(data), B)].float() / 127.5 - 1
+        cut = latent_cuts(B, x.shape[-1] // factor, rng)
+        spliced = _splice(x, cut.repeat_interleave(factor, -1).repeat_interleave(factor, -2))
+        with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None):
+            posterior = vae.encode(torch.cat([x, spliced])).latent_dist
+            z = posterior.mean   # the mean, as sampling uses it: sampling noise slows learning
+            target_z = _splice(z[:B], cut)
+            recon = vae.decode(torch.cat([z[:B], target_z])).sample.float()
+        loss = _weighted_error(recon, torch.cat([x, spliced]), object_weight)
+        loss = loss + kl_weight * posterior.kl().mean()
+        loss = loss + locality_weight * ((z[B:].float() - target_z.float()) ** 2).mean() / (z[:B].detach().var() + 1e-6)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if progress:
+            progress(step, loss.item())
+    vae.eval()
+    with torch.no_grad():
+        sample = data[torch.randperm(len(data), generator=g)[:64]].float() / 127.5 - 1
+        z = vae.encode(sample).latent_dist.mean
+    vae.register_to_config(shift_factor=round(z.mean().item(), 4), scaling_factor=round(1 / z.std().item(), 4))
+    return vae
+
+
+def _splice(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mask-selected parts of each item, the rest from the previous item of the batch."""
+    return mask * x + (1 - mask) * x.roll(1, 0)
+
+
+def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """L1 + L2 with objects (and a rim around them) weighted up: they are a few percent of the pixels, and without
+    the weight the loss is all background and the decoder stays at blurry blobs for a long time."""
+    error = (recon - x).abs() + (recon - x) ** 2
+    background = x.flatten(2).median(2).values[..., None, None]
+    near = torch.nn.functional.max_pool2d(((x - background).abs().sum(1, keepdim=True) > 0.2).float(), 5, 1, 2)
+    weight = 1 + object_weight * near
+    return (error * weight).sum() / (weight.sum() * 3)
+
+
+# The longest toy caption ("a photo of a purple triangle and a white circle") is 10 tokens for either tokenizer:
+# 12 holds it with CLIP's BOS and EOS, and T5's EOS.
+TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 12, 12
+TOY_SHIFT = 1.0   # sampling shift: the paper's shift is 1 at 256^2 and grows with resolution; toy images are 64^2
+
+
+def save_toy_pipeline(path, images, corpus: list[str], vae_steps: int, seed: int = 0,
+                      compute_dtype: torch.dtype | None = None, progress=None) -> Path:
+    """The toy world's SD3 pipeline, untrained MM-DiT: a VAE trained on images, frozen random CLIP-L / CLIP-G
+    towers (width 32, the real CLIP tokenizer, 12 tokens) and T5 (a SentencePiece tokenizer trained on corpus,
+    12 tokens), the "toy" MM-DiT preset; written as a diffusers StableDiffusion3Pipeline directory."""
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmdit.config import model_preset
+
+    torch.manual_seed(seed)
+    vae = train_vae(toy_vae(np.asarray(images).shape[1]), images, vae_steps, seed=seed, compute_dtype=compute_dtype,
+                    progress=progress)
+    components = tiny_components(seed, corpus=corpus, clip_tokens=TOY_CLIP_TOKENS, t5_tokens=TOY_T5_TOKENS, vae=vae,
+                                 mmdit_config=model_preset("toy"), clip_widths=TOY_CLIP_WIDTHS, shift=TOY_SHIFT)
+    path = Path(path)
+    StableDiffusion3Pipeline(**components).save_pretrained(path)
+    for folder in ("tokenizer", "tokenizer_2"):
+        slim_clip_tokenizer(path / folder)
+    return path
+
+
+def slim_clip_tokenizer(folder):
+    """Store a CLIP tokenizer as vocab.json + merges.txt, the files the released SD3 repositories ship (1.4 MB),
+    instead of transformers' tokenizer.json (3.6 MB); the ids are the same (tested). Does nothing when there is no
+    tokenizer.json."""
+    import json
+
+    folder = Path(folder)
+    fast = folder / "tokenizer.json"
+    if not fast.is_file():
+        return
+    model = json.loads(fast.read_text())["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False, separators=(",", ":")))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    fast.unlink()
