@@ -247,7 +247,7 @@ def main(argv=None):
     model.activation_checkpointing = cfg.model.activation_checkpointing
     ema = MMDiT(model.config).to(device).requires_grad_(False)  # fp32 whatever the training precision
     ema.load_state_dict(model.state_dict())
-    # The fused kernel (CPU and CUDA) is 4x faster than the per-tensor loop; DeepSpeed keeps its own step path.
+    # The fused kernel (CPU and CUDA) is much faster than the per-tensor loop; DeepSpeed keeps its own step path.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
                                   fused=world == 1)

@@ -182,23 +182,24 @@ class JointBlock(nn.Module):
         self.x_block = StreamBlock(config, self_attn=index in config.x_self_attn_layers)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, c: torch.Tensor):
+        """x: image tokens, context: text tokens, c: the conditioning vector (timestep + pooled text)."""
         # 1. adaLN parameters from the conditioning vector, one set per stream
         x_mod = self.x_block.modulation(c)
-        c_mod = self.context_block.modulation(c)
+        context_mod = self.context_block.modulation(c)
 
         # 2. normalise, modulate and project both streams to per-head q, k, v
-        x_normed, c_normed = layer_norm(x), layer_norm(context)
+        x_normed, context_normed = layer_norm(x), layer_norm(context)
         x_qkv = self.x_block.attn.qkv_heads(modulate(x_normed, x_mod[0], x_mod[1]))
-        c_qkv = self.context_block.attn.qkv_heads(modulate(c_normed, c_mod[0], c_mod[1]),
-                                                  need_q=not self.context_block.pre_only)
+        context_qkv = self.context_block.attn.qkv_heads(modulate(context_normed, context_mod[0], context_mod[1]),
+                                                        need_q=not self.context_block.pre_only)
 
         # 3. one attention over both streams
-        x_attn, c_attn = joint_attention(x_qkv, c_qkv)
+        x_attn, context_attn = joint_attention(x_qkv, context_qkv)
 
         # 4. per-stream residual updates; the last block's text stream ends here
         x = self.x_block.post_attention(x, x_normed, x_attn, x_mod)
         if not self.context_block.pre_only:
-            context = self.context_block.post_attention(context, c_normed, c_attn, c_mod)
+            context = self.context_block.post_attention(context, context_normed, context_attn, context_mod)
         return x, context
 
 

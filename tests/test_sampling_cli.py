@@ -25,41 +25,33 @@ def options(parser) -> dict:
             if s.startswith("--") and s != "--help"}
 
 
-def generate_parser():
-    captured = {}
-
-    def parse(self, args=None, namespace=None):
-        captured["parser"] = self
-        raise SystemExit(0)
-
-    original = geneval_cli.Parser.parse_args
-    geneval_cli.Parser.parse_args = parse
-    try:
-        with pytest.raises(SystemExit):
-            geneval_cli.parse_args(["generate"])
-    finally:
-        geneval_cli.Parser.parse_args = original
-    subparsers = next(a for a in captured["parser"]._actions if a.dest == "command")
-    return subparsers.choices["generate"]
-
-
-def sample_parser():
+def parser_of(parse_args, argv):
+    """The parser a command line's parse_args(argv) builds, caught at the moment it parses."""
     import argparse
 
     captured = {}
-    original = argparse.ArgumentParser.parse_args
 
     def parse(self, args=None, namespace=None):
         captured["parser"] = self
         raise SystemExit(0)
 
+    original = argparse.ArgumentParser.parse_args
     argparse.ArgumentParser.parse_args = parse
     try:
         with pytest.raises(SystemExit):
-            sample_cli.parse_args([])
+            parse_args(argv)
     finally:
         argparse.ArgumentParser.parse_args = original
     return captured["parser"]
+
+
+def sample_parser():
+    return parser_of(sample_cli.parse_args, [])
+
+
+def generate_parser():
+    subparsers = next(a for a in parser_of(geneval_cli.parse_args, [])._actions if a.dest == "command")
+    return subparsers.choices["generate"]
 
 
 def test_both_command_lines_take_the_same_sampling_flags():

@@ -20,7 +20,6 @@ from mmdit.cli import Parser, UsageError, fail, one_line
 from mmdit.eval.geneval import TASKS, generate, read_layout, read_metadata, score, summarize
 
 PROG = "python3 -m mmdit.eval.geneval"
-FAIL_AS = "geneval"
 
 
 def parse_args(argv=None):
@@ -109,7 +108,10 @@ def run_score(args, rank: int, world_size: int):
 
 
 def run_generate(args, rank: int, world_size: int):
-    entries = read_metadata(args.metadata)   # a bad line stops here, before any model loads
+    try:
+        entries = read_metadata(args.metadata)   # a bad line stops here, before any model loads
+    except OSError as e:
+        raise UsageError(f"cannot read --metadata {args.metadata}: {e.strerror}") from None
     if args.samples_per_prompt < 1:
         raise UsageError(f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
     sampling_cli.check_arguments(args, images=len(entries) * args.samples_per_prompt)
@@ -146,7 +148,7 @@ def main(argv=None):
         else:
             run_generate(args, rank, world_size)
     except (ValueError, OSError) as e:   # UsageError, a bad metadata line, an unreadable file
-        fail(FAIL_AS, one_line(e))
+        fail(PROG, one_line(e))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from mmdit.toy.world import BACKGROUND, PALETTE
 
 _NAMES = list(PALETTE)
 _RGB = np.array([PALETTE[c] for c in _NAMES], dtype=np.float32)
-# A reading is fully clear when its template overlaps this much better than the next one (on 3000 clean training
-# images 2997 read right at this setting; the rest were circles of 11 to 15 pixels read with too small a lead).
+# A reading is fully clear when its template overlaps this much better than the next one: small enough that clean
+# drawn shapes read clear (tests/test_toy.py reads back every training image), so a lower score means ambiguity.
 _CLEAR_LEAD = 0.03
 
 

@@ -34,9 +34,8 @@ SHAPES = ("circle", "square", "triangle")
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 # Half-extent of a shape in pixels at 64x64: 18 to 24 px across, about three latent cells, and four still fit (with
-# a gap of 5 px, so that blurred edges do not join two shapes into one). Corners span more latent cells the bigger
-# the shape, and the 8x-down VAE keeps them: on 256 validation images its reconstructions (1000 steps) passed the
-# judge 80% of the time at half-extents of 7 to 9 px (squares and triangles came back rounded), 97% at 9 to 12 px.
+# a gap of 5 px, so that blurred edges do not join two shapes into one). Corners must span more than one latent
+# cell for the 8x-down VAE to keep them; smaller squares and triangles come back rounded (README: the toy world).
 RADIUS = (9.0, 12.0)
 
 HELD_OUT_COLORS = {("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "triangle"),
