@@ -64,6 +64,16 @@ def fail(message: str):
     fail_with(PROG, message)
 
 
+def end_together(accelerator):
+    """Several processes leave together, through the process group's own shutdown: a rank that exits while another
+    is still exporting can abort in its communication threads' teardown (seen under gloo)."""
+    if accelerator is not None:
+        import torch
+
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def preparation_step(module: str):
     """The prepare(shards, val_shards, prepare_args, device) function that data.prepare names, or a ValueError."""
     accepted = "a module of mmdit with a prepare(shards, val_shards, prepare_args, device) function, e.g. " \
@@ -215,7 +225,15 @@ def main(argv=None):
     from mmdit.text import assemble, sample_keep
 
     # ---- processes: one, or several under accelerate launch with DeepSpeed ZeRO ----
+    from mmdit.precision import choose_precision
+
     accelerator, rank, world = None, 0, int(os.environ.get("WORLD_SIZE", "1"))
+    # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
+    # a resumed run keeps the precision its checkpoint recorded, so the rest of the run computes as the start did
+    recorded = torch.load(resume / "state_rank0.pt", weights_only=True).get("precision") if resume else None
+    precision = recorded if cfg.train.precision == "auto" and recorded else choose_precision(
+        cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu",
+        **({"speedup": lambda device: 0.0} if world > 1 else {}))
     if world > 1:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -230,7 +248,7 @@ def main(argv=None):
         # has world_size ranks: every rank then reads rank 0's data. Naming it (gloo on CPU) avoids that.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
-                                  mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+                                  mixed_precision="bf16" if precision == "bf16" else "no",
                                   gradient_accumulation_steps=cfg.optim.grad_accum)
         if accelerator.num_processes != world:
             fail(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world}")
@@ -238,7 +256,11 @@ def main(argv=None):
         device = accelerator.device
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if rank == 0:
+        print(f"precision: {precision} (train.precision {cfg.train.precision}; {device.type}, "
+              f"{torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name()})",
+              file=sys.stderr)
 
     # ---- model, EMA (fp32), optimiser, schedule ----
     torch.manual_seed(cfg.train.seed)
@@ -294,7 +316,9 @@ def main(argv=None):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")   # a recipe again
+        (out_dir / "run.json").write_text(json.dumps({"precision": precision, "world_size": world,
+                                                      "device": str(device)}, indent=2) + "\n")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stop.update(signal=number))
@@ -307,7 +331,7 @@ def main(argv=None):
 
     def checkpoint():
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                 "generator": generator.get_state()}
+                 "generator": generator.get_state(), "precision": precision}
         with whole_parameters():
             return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints,
                                    accelerator)
@@ -375,7 +399,8 @@ def main(argv=None):
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - started
-            tokens, accum = (x0.shape[-1] // 2) * (x0.shape[-2] // 2), cfg.optim.grad_accum
+            patch = raw_model.config.patch_size
+            tokens, accum = (x0.shape[-1] // patch) * (x0.shape[-2] // patch), cfg.optim.grad_accum
             record = {"step": step, "rank": rank, "keys": batch["keys"], "loss": loss.item(),
                       "grad_norm": grad_norm.item(),
                       "lr": optimizer.param_groups[0]["lr"], "samples_per_s": B * accum * cfg.train.log_every / elapsed,
@@ -419,6 +444,7 @@ def main(argv=None):
         if stopping:
             folder = checkpoint()
             print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
+            end_together(accelerator)
             return 0
     progress.close()
     if board is not None:
@@ -436,6 +462,7 @@ def main(argv=None):
                 export_pipeline(export / "transformer", base, export / "pipeline")
         print(f"exported the EMA weights to {export} ({time.perf_counter() - run_started:.0f} s since start)",
               file=sys.stderr)
+    end_together(accelerator)
     return 0
 
 

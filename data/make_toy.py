@@ -1,14 +1,17 @@
 """Make the toy world (mmdit/toy/): its image-caption data, its SD3 components, its GenEval prompts.
 
-    python3 data/make_toy.py world --out runs/toy/world        # images (img2dataset layout) + components
+    python3 data/make_toy.py world --out runs/toy/world        # images + components, trained once (minutes)
+    python3 data/make_toy.py world --out runs/toy/world --components bundled   # images; the shipped components
     python3 data/make_toy.py prompts --out data/toy_geneval.jsonl
     python3 data/make_toy.py bundle runs/toy/export/pipeline   # the trained pipeline -> the bundled default model
 
 `world` writes OUT/images/train/NNNNN.tar and OUT/images/val/NNNNN.tar (KEY.png, KEY.txt, KEY.json, as
 img2dataset writes them, so data/precompute.py reads them like real data) and OUT/pipeline, a diffusers SD3
-pipeline directory: a 16-channel VAE trained on the training images, frozen random CLIP-L / CLIP-G / T5 towers
-with the real CLIP tokenizer and a SentencePiece tokenizer trained on the captions, and an untrained MM-DiT.
-Everything is a function of --seed; finished parts are kept when rerun.
+pipeline directory: a 16-channel VAE trained on the training images, CLIP-L / CLIP-G / T5 towers trained against
+them (contrastively, with near-miss captions as negatives) with the real CLIP tokenizer and a SentencePiece
+tokenizer trained on the captions, and an untrained MM-DiT. The bundled model ships those components, and toy
+recipes reuse them (--components bundled) as SD3 users reuse Stability's VAE and encoders. Everything is a
+function of --seed; finished parts are kept when rerun.
 """
 
 import json
@@ -18,8 +21,8 @@ import sys
 from pathlib import Path
 
 from mmdit.cli import Parser, fail
+from mmdit.toy import BUNDLED_MODEL as BUNDLED
 
-BUNDLED = Path(__file__).resolve().parents[1] / "mmdit" / "toy_pipeline"
 PROG = "make_toy.py"
 
 
@@ -51,10 +54,12 @@ def bundle(args):
     for f in tmp.rglob("*.safetensors"):
         state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}
         save_file(state, f, metadata={"format": "pt"})
-    for f in tmp.rglob("config.json"):   # diffusers records the dtype it saved in; keep it truthful
+    for f in tmp.rglob("config.json"):   # the libraries record the dtype they saved in; keep it truthful
         config = json.loads(f.read_text())
-        if "torch_dtype" in config:
-            config["torch_dtype"] = "float16"
+        recorded = [k for k in ("torch_dtype", "dtype") if k in config]
+        for key in recorded:
+            config[key] = "float16"
+        if recorded:
             f.write_text(json.dumps(config, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)

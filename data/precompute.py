@@ -14,6 +14,7 @@ manifest.json once every output shard is there.
 """
 
 import os
+import re
 from pathlib import Path
 
 from mmdit.cli import Parser, UsageError, fail, one_line
@@ -54,6 +55,8 @@ def check(args) -> list:
     for spec in filter(None, [args.caption, args.second_caption]):
         if spec != "txt" and not spec.startswith("json:"):
             raise UsageError(f"caption source {spec!r}: expected 'txt' or 'json:FIELD'")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N")
     for name in ("resolution", "batch_size", "samples_per_shard", "t5_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -70,7 +73,10 @@ def check(args) -> list:
         raise UsageError(f"--images must be a folder and --captions a file, got {args.images} and {args.captions}")
     from mmdit.precompute import folder_blocks
 
-    return folder_blocks(args.images, args.captions, args.samples_per_shard)
+    try:
+        return folder_blocks(args.images, args.captions, args.samples_per_shard)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --captions {args.captions} or its images: {e}") from None
 
 
 def main(argv=None):
@@ -94,7 +100,8 @@ def main(argv=None):
     options = precompute.Options(model=args.model, resolution=args.resolution, buckets=args.buckets,
                                  caption=args.caption, second_caption=args.second_caption, no_t5=args.no_t5,
                                  t5_tokens=args.t5_tokens, t5_tokenizer=args.t5_tokenizer, dtype=args.dtype,
-                                 compact=args.compact, batch_size=args.batch_size)
+                                 compact=args.compact, batch_size=args.batch_size,
+                                 compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         precompute.run(inputs, args.out, options, device, rank, world,
                        progress=lambda shards: tqdm(shards, desc=f"rank {rank}: shards", disable=None))

@@ -88,9 +88,11 @@ MODEL_PRESETS: dict[str, MMDiTConfig] = {
     "tiny": _tiny(),
     "tiny-sd3.5": _tiny(qk_norm=True, x_self_attn_layers=(0,)),
     # The toy world's model (configs/toy.yaml): SD3.5's design (heads of 64, QK norm) at a width a CPU trains in
-    # minutes; its text widths are the toy encoders' (T5 256, pooled CLIP-L 32 + CLIP-G 32).
-    "toy": MMDiTConfig(depth=6, num_heads=2, head_dim=64, context_dim=256, pooled_dim=64, pos_embed_max_size=16,
-                       qk_norm=True),
+    # minutes; its text widths are the toy encoders' (T5 256, pooled CLIP-L 32 + CLIP-G 32). Patch 1 on the 8x8
+    # latent gives 64 image tokens: an object spans several tokens and "left of" several columns, which every small
+    # setup that learns shapes and relations has (README: the toy world); 16 tokens do not.
+    "toy": MMDiTConfig(depth=6, num_heads=2, head_dim=64, patch_size=1, context_dim=256, pooled_dim=64,
+                       pos_embed_max_size=16, qk_norm=True),
 }
 # The paper's scaling family d = 2..38 (d=24 is SD3 Medium's shape, d=38 the 8B).
 MODEL_PRESETS.update({f"d{d}": paper_depth(d) for d in range(2, 40, 2)})
@@ -179,7 +181,7 @@ MAX_STEPS, MAX_GUIDANCE, MAX_SHIFT, MAX_SIDE = 10_000, 100, 100, 16_384
 TIMESTEP_SAMPLERS = ("uniform", "lognorm", "mode", "cosmap")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")   # auto: bf16 where it is faster here (mmdit.precision)
 SHARD_DTYPES = ("float16", "bfloat16")   # how shards store tensors (mmdit.shards)
 
 
@@ -267,7 +269,7 @@ class OptimSection:
 class TrainSection:
     steps: int = 100_000
     seed: int = 0
-    precision: str = "bf16"              # bf16 | fp32 (mixed precision keeps fp32 master weights)
+    precision: str = "auto"              # auto | bf16 | fp32: auto measures (mmdit.precision); fp32 master weights
     ema_decay: float = 0.9999
     out_dir: str = "runs/default"
     log_every: int = 10

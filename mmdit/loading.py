@@ -20,8 +20,9 @@ import torch
 from mmdit.checkpoint import SAI_PREFIX, CheckpointError, atomic_save_file, load_mmdit, read_safetensors
 from mmdit.model import MMDiT
 from mmdit.text import (TextEncoders, clip_from_state, clip_tokenizer_from_open_clip, encoders_with_layout,
-                        load_diffusers_text_encoders, open_clip_text_to_transformers, t5_from_state)
-from mmdit.vae import VAE, load_diffusers_vae, to_ldm, vae_from_ldm_state
+                        load_diffusers_text_encoders, open_clip_text_to_transformers, t5_from_state,
+                        tokenizer_max_length)
+from mmdit.vae import CONFIG_IN_METADATA, VAE, load_diffusers_vae, to_ldm, vae_from_ldm_state
 
 ACCEPTED_MODELS = ("a diffusers SD3 pipeline directory (model_index.json with transformer/, vae/, text_encoder*/, "
                    "tokenizer*/) or a Stability single file (*.safetensors with model.diffusion_model.* and "
@@ -58,7 +59,7 @@ def load_model(path, *, no_t5: bool = False, dtype: torch.dtype = torch.float32,
         transformer = load_mmdit(path, dtype=dtype)
         vae = _single_file_vae(path, dtype)
         text = _single_file_text_encoders(path, no_t5, dtype, t5_tokens, t5_tokenizer, transformer.config.context_dim)
-        shift = SD3_SHIFT
+        shift = float(_single_file_metadata(path).get("scheduler_shift", SD3_SHIFT))
     else:
         raise _not_a_model(path)
     if clip_g is not None:
@@ -142,11 +143,21 @@ def resolve_model(path, no_t5: bool = False) -> Path:
 # Stability single files
 
 
+def _single_file_metadata(path: Path) -> dict:
+    """What export_single_file records beyond the tensors (a released file has none): {"vae": {...},
+    "scheduler_shift": ..., "t5_tokens": ...}."""
+    meta = read_safetensors(path, "\0")[1]   # a prefix no key has: the metadata alone
+    try:
+        return json.loads(meta.get("mmdit", "{}"))
+    except ValueError:
+        return {}
+
+
 def _single_file_vae(path: Path, dtype) -> VAE:
     state = read_safetensors(path, VAE_PREFIX)[0]
     if not state:
         raise CheckpointError(f"{path} holds no VAE (first_stage_model.*); accepted: {ACCEPTED_MODELS}")
-    return vae_from_ldm_state(state, dtype)
+    return vae_from_ldm_state(state, dtype, _single_file_metadata(path).get("vae"))
 
 
 def _beside(path: Path, role: str) -> Path | None:
@@ -186,8 +197,11 @@ def _single_file_text_encoders(path: Path, no_t5: bool, dtype, t5_tokens: int | 
         from transformers import AutoTokenizer
 
         t5 = t5_from_state(state, AutoTokenizer.from_pretrained(t5_tokenizer or T5_TOKENIZER_HUB_ID), dtype)
-    return encoders_with_layout(encoders["clip_l"], encoders["clip_g"], t5, t5_tokens=t5_tokens or 77,
-                                context_dim=context_dim)
+    # CLIP reads at most its position table (77 for the released towers); T5 as the file records, else 77
+    clip_tokens = min(77, encoders["clip_l"].model.config.max_position_embeddings)
+    recorded = _single_file_metadata(path).get("t5_tokens", 77)
+    return encoders_with_layout(encoders["clip_l"], encoders["clip_g"], t5, t5_tokens=t5_tokens or recorded,
+                                clip_tokens=clip_tokens, context_dim=context_dim)
 
 
 def export_single_file(pipeline_dir, out_path):
@@ -196,7 +210,8 @@ def export_single_file(pipeline_dir, out_path):
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     pipeline_dir = Path(pipeline_dir)
-    tensors = {SAI_PREFIX + k: v for k, v in load_mmdit(pipeline_dir).state_dict().items()}
+    mmdit = load_mmdit(pipeline_dir)
+    tensors = {SAI_PREFIX + k: v for k, v in mmdit.state_dict().items()}
     vae = AutoencoderKL.from_pretrained(pipeline_dir / "vae")
     tensors.update({VAE_PREFIX + k: v for k, v in to_ldm(vae.state_dict(), len(vae.config.block_out_channels)).items()})
     for role, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
@@ -208,4 +223,10 @@ def export_single_file(pipeline_dir, out_path):
         state = T5EncoderModel.from_pretrained(pipeline_dir / "text_encoder_3").state_dict()
         state.pop("encoder.embed_tokens.weight")  # tied to shared.weight
         tensors.update({TEXT_ENCODER_PREFIX.format("t5xxl") + k: v for k, v in state.items()})
-    atomic_save_file(Path(out_path), tensors, {})
+    vae_config = {k: vae.config[k] for k in CONFIG_IN_METADATA}
+    extra = {"vae": vae_config, "scheduler_shift": scheduler_shift(pipeline_dir)}
+    if (pipeline_dir / "tokenizer_3").is_dir():
+        extra["t5_tokens"] = tokenizer_max_length(pipeline_dir / "tokenizer_3")
+    # mmdit_config as save_mmdit(..., "sai") writes it: the head count, which the weights show only with QK norm
+    atomic_save_file(Path(out_path), tensors, {"mmdit": json.dumps(extra),
+                                               "mmdit_config": json.dumps(mmdit.config.to_dict())})

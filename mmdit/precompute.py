@@ -45,6 +45,7 @@ class Options:
     dtype: str = "float16"
     compact: bool = False
     batch_size: int = 16
+    compute_dtype: torch.dtype = torch.float32   # the encoders' and VAE's (the caller's choice: bf16 on a GPU)
 
 
 # ---- inputs: (key, image bytes or None, {"txt": str, "json": dict}) per sample ---------------------------------
@@ -219,8 +220,8 @@ def run(inputs: list, out, options: Options, device, rank: int = 0, world_size: 
     indices (e.g. tqdm)."""
     from mmdit.loading import load_conditioning
 
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    text, vae = load_conditioning(options.model, no_t5=options.no_t5, dtype=dtype, t5_tokens=options.t5_tokens,
+    text, vae = load_conditioning(options.model, no_t5=options.no_t5, dtype=options.compute_dtype,
+                                  t5_tokens=options.t5_tokens,
                                   t5_tokenizer=options.t5_tokenizer)
     text.to(device)
     vae.to(device)

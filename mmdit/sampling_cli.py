@@ -13,8 +13,8 @@ from pathlib import Path
 
 from mmdit.cli import UsageError, one_line
 from mmdit.config import SAMPLERS, Settings
+from mmdit.toy import BUNDLED_MODEL
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "toy_pipeline"   # the toy world's model (data/make_toy.py)
 SD3_CFG = 7.0            # StableDiffusion3Pipeline's default guidance scale
 BUNDLED_MODEL_CFG = 2.0  # guidance darkens the toy model's colours and tints its background (README: toy world)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -80,7 +80,7 @@ def check_arguments(args: argparse.Namespace, images: int):
     if not 0 <= args.seed or args.seed + images > SEED_LIMIT:
         raise UsageError(f"--seed must be >= 0 and seed + images ({images}) at most 2^63 - 2^32, got {args.seed}")
     if args.device is not None and not re.fullmatch(DEVICE_PATTERN, args.device):
-        raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N, mps")
+        raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N, mps, xpu, xpu:N")
     if args.clip_g is not None and not Path(args.clip_g).is_file():
         raise UsageError(f"--clip-g {args.clip_g} is not a file")
     settings_from(args, shift=None, side=16)   # the sampling values themselves (size placeholder when unset)
@@ -90,7 +90,8 @@ def settings_from(args: argparse.Namespace, shift: float | None, side: int) -> S
     """The Settings the flags ask for; shift and side are the model's, used where a flag is unset."""
     try:
         return Settings(steps=args.steps, cfg=args.cfg, shift=shift if args.shift is None else args.shift,
-                        sampler=args.sampler, width=args.width or side, height=args.height or side,
+                        sampler=args.sampler, width=side if args.width is None else args.width,
+                        height=side if args.height is None else args.height,
                         negative_prompt=args.negative_prompt, slg_layers=tuple(args.slg_layers),
                         slg_scale=args.slg_scale)
     except ValueError as e:   # Settings names its field; the user typed a flag
@@ -112,6 +113,12 @@ def device_and_dtype(args: argparse.Namespace):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} asked for, but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps asked for, but MPS is not available")
+    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UsageError(f"--device {args.device} asked for, but no XPU is available")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")])
     return device, dtype
 

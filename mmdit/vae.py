@@ -87,9 +87,15 @@ def to_ldm(state: dict[str, torch.Tensor], num_levels: int) -> dict[str, torch.T
     return {ldm_key(k, num_levels): v[..., None, None] if _is_attention_matrix(k) else v for k, v in state.items()}
 
 
-def autoencoder_config_from_ldm(state: dict[str, torch.Tensor]) -> dict:
-    """AutoencoderKL arguments implied by LDM-named tensors. Group-norm groups leave no trace in the weights:
-    32, as in every SD VAE."""
+# What a single file's tensors do not show, carried in its metadata by mmdit.loading.export_single_file (released
+# files have none of it, and get SD3's values).
+CONFIG_IN_METADATA = ("norm_num_groups", "scaling_factor", "shift_factor", "sample_size")
+
+
+def autoencoder_config_from_ldm(state: dict[str, torch.Tensor], metadata: dict | None = None) -> dict:
+    """AutoencoderKL arguments implied by LDM-named tensors, and by metadata (CONFIG_IN_METADATA) where it has
+    them: group-norm groups leave no trace in the weights (32, as in every SD VAE), nor do the latent factors
+    (SD3's) or the size the model was made for (1024)."""
     levels = 1 + max(int(m[1]) for k in state if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
     channels = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     per_level = 1 + max(int(m[1]) for k in state if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
@@ -97,17 +103,21 @@ def autoencoder_config_from_ldm(state: dict[str, torch.Tensor]) -> dict:
         in_channels=state["encoder.conv_in.weight"].shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(channels), layers_per_block=per_level,
-        latent_channels=state["decoder.conv_in.weight"].shape[1], norm_num_groups=32,
+        latent_channels=state["decoder.conv_in.weight"].shape[1],
         use_quant_conv="quant_conv.weight" in state, use_post_quant_conv="post_quant_conv.weight" in state,
-        scaling_factor=SD3_SCALING_FACTOR, shift_factor=SD3_SHIFT_FACTOR,
-        sample_size=1024)   # every Stability SD3 / SD3.5 file is made for 1024^2 (diffusers' config says so)
+        mid_block_add_attention="encoder.mid.attn_1.q.weight" in state,
+        **{"norm_num_groups": 32, "scaling_factor": SD3_SCALING_FACTOR, "shift_factor": SD3_SHIFT_FACTOR,
+           "sample_size": 1024,   # every Stability SD3 / SD3.5 file is made for 1024^2 (diffusers' config says so)
+           **{k: v for k, v in (metadata or {}).items() if k in CONFIG_IN_METADATA}})
 
 
-def vae_from_ldm_state(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> VAE:
-    """The VAE of a Stability single file (its first_stage_model.* tensors, prefix stripped), strictly."""
+def vae_from_ldm_state(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                       metadata: dict | None = None) -> VAE:
+    """The VAE of a Stability single file (its first_stage_model.* tensors, prefix stripped), strictly; metadata:
+    the config values the tensors do not show (see autoencoder_config_from_ldm)."""
     from diffusers import AutoencoderKL
 
-    config = autoencoder_config_from_ldm(state)
+    config = autoencoder_config_from_ldm(state, metadata)
     with torch.device("meta"):
         autoencoder = AutoencoderKL(**config)
     table = {ldm_key(k, len(config["block_out_channels"])): k for k in autoencoder.state_dict()}

@@ -173,8 +173,11 @@ def test_generate_refuses_another_runs_folder(pipe, tmp_path):
     with pytest.raises(ValueError, match="holds another run .*--overwrite"):
         generate(meta, tmp_path / "a", pipe, Settings(steps=3, cfg=3.0, width=32, height=32), samples_per_prompt=2,
                  seed=42)
-    generate(meta, tmp_path / "a", pipe, Settings(steps=3, cfg=3.0, width=32, height=32), samples_per_prompt=2,
-             seed=42, overwrite=True)
+    before = (tmp_path / "a" / "00000" / "samples" / "0000.png").read_bytes()
+    made = generate(meta, tmp_path / "a", pipe, Settings(steps=3, cfg=3.0, width=32, height=32), samples_per_prompt=2,
+                    seed=42, overwrite=True)
+    assert made == 2 * len(read_metadata(meta))   # every image made again: the other run's do not mix in
+    assert (tmp_path / "a" / "00000" / "samples" / "0000.png").read_bytes() != before
 
 
 def test_summary_command(tmp_path, capsys):

@@ -127,6 +127,7 @@ def test_nothing_in_mmdit_imports_an_entry_point():
                 assert not names & {a.name for a in node.names}, path
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 assert node.module not in names, path
+        assert "spec_from_file_location" not in path.read_text(), f"{path} loads a file as a module"
 
 
 def test_ranks_and_launchers_live_in_train_py_only():

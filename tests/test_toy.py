@@ -3,6 +3,7 @@ recipe end to end through train.py, sample.py and the GenEval judge, and the bun
 
 import importlib.util
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -108,13 +109,14 @@ def test_shipped_prompt_file_is_genevals_format_and_current(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_pipeline(tmp_path_factory):
-    """A toy pipeline as data/make_toy.py builds it, with a VAE trained for a few steps only."""
+    """A toy pipeline as data/make_toy.py builds it, with a VAE and towers trained for a few steps only."""
     from mmdit.toy.components import save_toy_pipeline
 
     rng = np.random.default_rng(0)
-    images = np.stack([toy.render(toy.sample_scene(rng, "colors")[0]) for _ in range(8)])
-    return save_toy_pipeline(tmp_path_factory.mktemp("toy") / "pipeline", images, toy.caption_corpus(n=200),
-                             vae_steps=3)
+    scenes = [toy.sample_scene(rng, "colors") for _ in range(8)]
+    images = np.stack([toy.render(objects) for objects, _, _ in scenes])
+    return save_toy_pipeline(tmp_path_factory.mktemp("toy") / "pipeline", images, [m for _, _, m in scenes],
+                             toy.caption_corpus(n=200), vae_steps=3, tower_steps=2)
 
 
 def test_vae_locality_splices():
@@ -142,7 +144,7 @@ def test_toy_pipeline_loads_as_any_diffusers_pipeline(toy_pipeline):
 
     ours = SD3Pipeline.load(toy_pipeline)
     assert ours.default_side == 64 and ours.shift == 1.0
-    assert (ours.text.layout.clip_tokens, ours.text.layout.t5_tokens) == (12, 12)
+    assert (ours.text.layout.clip_tokens, ours.text.layout.t5_tokens) == (13, 12)
     config = json.loads((toy_pipeline / "vae" / "config.json").read_text())
     assert config["latent_channels"] == 16 and config["scaling_factor"] != 1.0   # factors measured on the data
     prompt = "a photo of a purple triangle and a white circle"   # the longest caption shape: no truncation
@@ -160,7 +162,7 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
     train, sample = load_entry_point("train.py"), load_entry_point("sample.py")
     run = tmp_path / "run"
     world_args = json.dumps(["--out", str(tmp_path / "world"), "--train-samples", "64", "--val-samples", "16",
-                             "--vae-steps", "3", "--vae-images", "16"])
+                             "--components", "bundled"])   # the shipped VAE and towers, as configs/toy.yaml
     assert train.main([f"data.shards={tmp_path / 'shards/train'}",
                        f"data.val_shards={tmp_path / 'shards/val'}", f"data.prepare_args={world_args}",
                        "train.steps=4", f"train.out_dir={run}", f"train.sample_model={tmp_path / 'world/pipeline'}",
@@ -168,6 +170,7 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
                        "data.num_workers=0", "data.batch_size=8"]) == 0
     manifest = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
     assert manifest["samples"] == 64 and manifest["identities"]["t5_tokens"] == 12
+    assert json.loads((run / "run.json").read_text())["precision"] in ("bf16", "fp32")
     exported = run / "export" / "pipeline"
     ema = load_mmdit(run / "export" / "ema.safetensors").state_dict()   # the pipeline carries exactly the EMA
     assert all(torch.equal(ema[k], v) for k, v in load_mmdit(exported / "transformer").state_dict().items())
@@ -229,3 +232,85 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["data.prepare=imagenet", f"train.out_dir={tmp_path / 'run'}"])
     assert e.value.code == 2 and "data.prepare 'imagenet': accepted: a module of mmdit" in capsys.readouterr().err
+
+
+def test_captions_are_their_metadata_and_near_misses_stay_seen():
+    """caption_of inverts how scenes are captioned; a near miss changes the picture and is never held out."""
+    rng = np.random.default_rng(0)
+    for i in range(500):
+        _, caption, meta = toy.sample_scene(rng, list(toy.TASK_WEIGHTS)[i % 5])
+        assert toy.caption_of(meta) == caption and not toy.is_held_out(meta)
+        miss = toy.near_miss(meta, rng)
+        if miss is not None:
+            assert toy.caption_of(miss) != caption and not toy.is_held_out(miss)
+    for prompt in toy.evaluation_prompts():
+        assert toy.caption_of(prompt) == prompt["prompt"] and toy.is_held_out(prompt) == prompt["held_out"]
+
+
+def test_every_toy_prompt_fits_the_bundled_tokenizers(caplog):
+    """No prompt of the toy GenEval file or the README is truncated by the bundled model's tokenizers."""
+    import logging
+
+    from mmdit.loading import load_conditioning
+    from mmdit.toy import BUNDLED_MODEL
+
+    text, _ = load_conditioning(BUNDLED_MODEL)
+    prompts = [p["prompt"] for p in toy.evaluation_prompts()]
+    readme = (ROOT / "README.md").read_text()
+    prompts += [p for p in set(re.findall(r'--prompt "([^"]+)"', readme)) if "photo of a" in p and "cat" not in p]
+    with caplog.at_level(logging.WARNING, logger="mmdit.text"):
+        text.encode(prompts)
+    assert len(prompts) > 96 and not [r for r in caplog.records if "dropped" in r.getMessage()]
+
+
+def test_probes_see_more_in_the_shipped_towers_than_in_random_ones():
+    """Linear probes (mmdit.toy.probes) on the bundled towers against the same architecture at random weights:
+    the shipped ones must tell which shape carries which colour (binding) clearly better."""
+    from mmdit.loading import load_conditioning
+    from mmdit.toy import BUNDLED_MODEL
+    from mmdit.toy import probes
+
+    shipped, _ = load_conditioning(BUNDLED_MODEL)
+    prompts, labels = probes.probe_prompts()["binding"]
+    scores = {name: probes.probe_accuracy(probes.tower_features(text, prompts)["pooled"], labels)
+              for name, text in (("shipped", shipped), ("random", probes.random_towers(shipped)))}
+    assert scores["shipped"] >= scores["random"] + 0.2, scores
+
+
+def test_learning_curve_scores_attributes_per_split_and_plots(tmp_path):
+    """mmdit.toy.evaluate: per-attribute image accuracy for seen and held-out prompts, a table and a PNG curve."""
+    from mmdit.toy.evaluate import attribute_scores, curve_table, plot_curve
+
+    def result(tag, held_out, correct):
+        return {"tag": tag, "correct": correct, "metadata": json.dumps({"tag": tag, "held_out": held_out})}
+
+    results = [result("colors", False, True), result("colors", False, False), result("color_attr", False, True),
+               result("single_object", True, True), result("counting", True, False)]
+    scores = attribute_scores(results)
+    assert scores["seen"]["colour"] == 0.5 and scores["seen"]["binding"] == 1.0 and scores["seen"]["shape"] is None
+    assert scores["held_out"]["shape"] == 1.0 and scores["held_out"]["count"] == 0.0
+    assert scores["seen"]["overall"] == 0.75 and scores["held_out"]["overall"] == 0.5   # GenEval's task mean
+    rows = [{"step": s, "samples": 32 * s, **scores} for s in (100, 200)]
+    assert "| 200 | 6400 | held_out | 0.500 |" in curve_table(rows)
+    plot_curve(rows, tmp_path / "curve.png")
+    assert Image.open(tmp_path / "curve.png").size == (640, 400)
+
+
+def test_make_toy_world_trains_components_once_and_recipes_copy_them(tmp_path, capsys):
+    """`data/make_toy.py world` trains the VAE and the towers (a few steps here) into a pipeline the real loaders
+    read; with --components it copies given ones instead, and refuses training flags beside it."""
+    from mmdit.loading import load_conditioning
+
+    make_toy = load_entry_point("data/make_toy.py")
+    make_toy.main(["world", "--out", str(tmp_path / "w"), "--train-samples", "16", "--val-samples", "4",
+                   "--vae-steps", "2", "--vae-images", "8", "--tower-steps", "2"])
+    text, vae = load_conditioning(tmp_path / "w" / "pipeline")
+    assert (text.layout.clip_tokens, text.layout.t5_tokens, vae.latent_channels) == (13, 12, 16)
+    make_toy.main(["world", "--out", str(tmp_path / "copy"), "--train-samples", "16", "--val-samples", "4",
+                   "--components", str(tmp_path / "w" / "pipeline")])
+    copied = tmp_path / "copy" / "pipeline" / "text_encoder_3" / "model.safetensors"
+    assert copied.read_bytes() == (tmp_path / "w" / "pipeline" / "text_encoder_3" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        make_toy.main(["world", "--out", str(tmp_path / "x"), "--components", "bundled", "--vae-steps", "5"])
+    assert e.value.code == 2 and "--vae-steps train components" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -225,12 +225,17 @@ def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int =
               "seed": seed, "seed_rule": "seed + prompt_index * samples_per_prompt + sample_index",
               "metadata": str(metadata_path)}
     config_file = outdir / "config.json"
-    if config_file.is_file() and not overwrite:
+    if config_file.is_file() and json.loads(config_file.read_text()) != config:
         earlier = json.loads(config_file.read_text())
-        if earlier != config:
+        if not overwrite:
             key = next(k for k in sorted(set(earlier) | set(config)) if earlier.get(k) != config.get(k))
             raise ValueError(f"{outdir} holds another run ({key}: {earlier.get(key)!r} there, "
                              f"{config.get(key)!r} now); pass --overwrite or use another --outdir")
+        import shutil
+
+        for folder in outdir.iterdir():   # the other run's images go (each rank its own prompts'): no mixing
+            if folder.is_dir() and folder.name.isdigit() and int(folder.name) % world_size == rank:
+                shutil.rmtree(folder)
     outdir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -3,6 +3,13 @@ pipeline trains on it on a CPU and plain image analysis judges it.
 
     world       the scenes, their captions, the held-out set, the prompt file, the dataset (no torch)
     components  its VAE (trained on its images), text towers and tokenizers, saved as a diffusers SD3 pipeline
+    towers      how its text towers are trained (contrastively against its pictures, near misses as negatives)
+    probes      what a set of towers tells the MM-DiT, by linear probes (python3 -m mmdit.toy.probes)
     detector    the judge's eyes: connected regions read as shapes and palette colours, as GenEval's Detections
     prepare     the world built on disk, and a toy recipe's shards precomputed from it (train.py's data.prepare)
+    evaluate    toy GenEval of a run's checkpoints: seen and held-out, per attribute, a learning curve
 """
+
+from pathlib import Path
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "toy_pipeline"   # the trained toy pipeline, shipped

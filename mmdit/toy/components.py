@@ -1,6 +1,7 @@
-"""The toy world's SD3 components: a 16-channel VAE trained on its images, frozen small CLIP-L / CLIP-G / T5
-towers, tokenizers sized to its captions, the "toy" MM-DiT preset (untrained) and its scheduler, saved as a diffusers
-StableDiffusion3Pipeline directory that every real loader reads.
+"""The toy world's SD3 components: a 16-channel VAE trained on its images, small CLIP-L / CLIP-G / T5 towers
+trained on its images and captions (mmdit.toy.towers), tokenizers sized to its prompts, the "toy" MM-DiT preset
+(untrained) and its scheduler, saved as a diffusers StableDiffusion3Pipeline directory that every real loader reads.
+They are built once (`data/make_toy.py world`) and shipped inside the bundled model; every toy recipe reuses them.
 """
 
 from __future__ import annotations
@@ -102,27 +103,36 @@ def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) 
     return (error * weight).sum() / (weight.sum() * 3)
 
 
-# The longest toy caption ("a photo of a purple triangle and a white circle") is 10 tokens for either tokenizer:
-# 12 holds it with CLIP's BOS and EOS, and T5's EOS.
-TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 12, 12
+# The longest toy prompt ("a photo of a red circle left of a blue square", the README's) is 11 tokens for either
+# tokenizer: CLIP needs 13 with its BOS and EOS, T5 12 with its EOS. Every text token costs the MM-DiT as much as
+# an image token, so no more.
+TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 13, 12
 TOY_SHIFT = 1.0   # sampling shift: the paper's shift is 1 at 256^2 and grows with resolution; toy images are 64^2
 
 
-def save_toy_pipeline(path, images, corpus: list[str], vae_steps: int, seed: int = 0,
-                      compute_dtype: torch.dtype | None = None, progress=None) -> Path:
-    """The toy world's SD3 pipeline, untrained MM-DiT: a VAE trained on images, frozen random CLIP-L / CLIP-G
-    towers (width 32, the real CLIP tokenizer, 12 tokens) and T5 (a SentencePiece tokenizer trained on corpus,
-    12 tokens), the "toy" MM-DiT preset; written as a diffusers StableDiffusion3Pipeline directory."""
+def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae_steps: int, tower_steps: int,
+                      vae_images: int | None = None, seed: int = 0, compute_dtype: torch.dtype | None = None,
+                      progress=None) -> Path:
+    """The toy world's SD3 pipeline, untrained MM-DiT: a VAE trained on the first vae_images of images ((N, H, W,
+    3) uint8); CLIP-L / CLIP-G
+    towers (width 32, the real CLIP tokenizer) and T5 (a SentencePiece tokenizer trained on corpus) trained against
+    the images and their scenes' metadata (mmdit.toy.towers); the "toy" MM-DiT preset; written as a diffusers
+    StableDiffusion3Pipeline directory. progress(stage, step, losses)."""
     import numpy as np
     from diffusers import StableDiffusion3Pipeline
 
     from mmdit.config import model_preset
+    from mmdit.toy.towers import train_towers
 
     torch.manual_seed(seed)
-    vae = train_vae(toy_vae(np.asarray(images).shape[1]), images, vae_steps, seed=seed, compute_dtype=compute_dtype,
-                    progress=progress)
+    vae = train_vae(toy_vae(np.asarray(images).shape[1]), images[:vae_images], vae_steps, seed=seed,
+                    compute_dtype=compute_dtype,
+                    progress=(lambda step, loss: progress("vae", step, {"loss": loss})) if progress else None)
     components = tiny_components(seed, corpus=corpus, clip_tokens=TOY_CLIP_TOKENS, t5_tokens=TOY_T5_TOKENS, vae=vae,
                                  mmdit_config=model_preset("toy"), clip_widths=TOY_CLIP_WIDTHS, shift=TOY_SHIFT)
+    if tower_steps:
+        train_towers(components, images, metadata, tower_steps, clip_tokens=TOY_CLIP_TOKENS, t5_tokens=TOY_T5_TOKENS,
+                     seed=seed, progress=(lambda step, losses: progress("towers", step, losses)) if progress else None)
     path = Path(path)
     StableDiffusion3Pipeline(**components).save_pretrained(path)
     for folder in ("tokenizer", "tokenizer_2"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmdit.eval.geneval import Detection
+from mmdit.eval.detection import Detection
 from mmdit.toy.world import BACKGROUND, PALETTE
 
 _NAMES = list(PALETTE)

@@ -2,9 +2,10 @@
 shards a toy recipe trains on (`prepare`, what train.py runs when the recipe names this module in data.prepare and
 its shards are missing).
 
-The world is a function of its seed: OUT/images/{train,val}/NNNNN.tar in img2dataset's layout (so precompute reads
-them as it reads real data) and OUT/pipeline, the toy components as a diffusers SD3 pipeline directory (VAE trained
-on the training images). Finished parts are kept when rerun.
+The world: OUT/images/{train,val}/NNNNN.tar in img2dataset's layout (so precompute reads them as it reads real data),
+a function of the seed, and OUT/pipeline, the toy components as a diffusers SD3 pipeline directory: trained on the
+training images (VAE, text towers; a function of the seed too), or, with --components, a copy of given ones (the
+bundled model's, whose MM-DiT comes along and is replaced by whatever a recipe trains). Finished parts are kept.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from mmdit.config import PRECISIONS
 from mmdit.toy import world
 
 
@@ -24,10 +26,15 @@ def add_world_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--out", required=True, help="the world's folder")
     parser.add_argument("--train-samples", type=int, default=12000, help="training images")
     parser.add_argument("--val-samples", type=int, default=256, help="validation images")
+    parser.add_argument("--components", default=None, help="a toy pipeline whose VAE, towers and tokenizers to use "
+                        "instead of training them ('bundled': the bundled model's, as toy recipes do; default: train "
+                        "them, once)")
     parser.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
-    parser.add_argument("--vae-images", type=int, default=2000, help="training images the VAE sees")
-    parser.add_argument("--vae-precision", choices=("bf16", "fp32"), default="bf16",
-                        help="autocast dtype of the VAE's training (weights stay fp32)")
+    parser.add_argument("--vae-images", type=int, default=2000, help="training images the VAE sees (the towers see "
+                        "all)")
+    parser.add_argument("--tower-steps", type=int, default=1500, help="text tower training steps (0: random towers)")
+    parser.add_argument("--vae-precision", choices=PRECISIONS, default="auto",
+                        help="autocast dtype of the VAE's training (auto: bf16 where it is faster here)")
     parser.add_argument("--seed", type=int, default=0, help="everything in the world is a function of it")
 
 
@@ -35,14 +42,32 @@ def check_world_arguments(args: argparse.Namespace):
     for name in ("train_samples", "val_samples", "vae_steps", "vae_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tower_steps < 0:
+        raise ValueError(f"--tower-steps must be >= 0, got {args.tower_steps}")
+    given = [f"--{k.replace('_', '-')}" for k, default in (("vae_steps", 1000), ("tower_steps", 1500),
+                                                           ("vae_images", 2000)) if getattr(args, k) != default]
+    if args.components is not None and given:
+        raise ValueError(f"{', '.join(given)} train components, which --components {args.components} replaces; "
+                         f"give one or the other")
+    if args.components is not None and not (components_dir(args.components) / "model_index.json").is_file():
+        raise ValueError(f"--components {args.components} is not a toy pipeline directory (no model_index.json); "
+                         f"accepted: a folder that data/make_toy.py world wrote, or 'bundled'")
+
+
+def components_dir(name: str) -> Path:
+    from mmdit.toy import BUNDLED_MODEL
+
+    return BUNDLED_MODEL if name == "bundled" else Path(name)
 
 
 def build_world(args: argparse.Namespace) -> Path:
-    """The world's images and components in args.out (see add_world_arguments); returns its pipeline folder."""
+    """The world's images in args.out and its components in args.out/pipeline (see add_world_arguments): trained,
+    or copied from --components. Returns the pipeline folder."""
     import numpy as np
     import torch
     from tqdm import tqdm
 
+    from mmdit.precision import choose_precision
     from mmdit.toy.components import save_toy_pipeline
 
     check_world_arguments(args)
@@ -52,24 +77,32 @@ def build_world(args: argparse.Namespace) -> Path:
         with tqdm(total=n, desc=f"toy images ({split})", disable=None) as bar:
             world.write_dataset(out / "images" / split, n, seed=seed, per_shard=1000, progress=bar.update)
     pipeline = out / "pipeline"
-    if not (pipeline / "model_index.json").is_file():
-        images = []
-        for image, _ in world.read_dataset(sorted((out / "images" / "train").glob("*.tar"))):
+    if (pipeline / "model_index.json").is_file():
+        return pipeline
+    tmp = out / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if args.components is not None:
+        shutil.copytree(components_dir(args.components), tmp)
+    else:
+        images, metadata = [], []
+        for image, record in world.read_dataset(sorted((out / "images" / "train").glob("*.tar"))):
             images.append(image)
-            if len(images) >= args.vae_images:
-                break
-        with tqdm(total=args.vae_steps, desc="toy VAE", disable=None) as bar:
-            def progress(step, loss):
-                bar.update(1)
-                if step % 50 == 0:
-                    bar.set_postfix(loss=f"{loss:.4f}")
+            metadata.append(record["metadata"])
+        precision = choose_precision(args.vae_precision, "cpu")
+        bars = {"vae": tqdm(total=args.vae_steps, desc=f"toy VAE ({precision})", disable=None),
+                "towers": tqdm(total=args.tower_steps, desc="toy text towers", disable=None)}
 
-            tmp = out / ".pipeline.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            dtype = torch.bfloat16 if args.vae_precision == "bf16" else None
-            save_toy_pipeline(tmp, np.stack(images), world.caption_corpus(seed=args.seed), args.vae_steps,
-                              seed=args.seed, compute_dtype=dtype, progress=progress)
-            os.replace(tmp, pipeline)
+        def progress(stage, step, losses):
+            bars[stage].update(1)
+            if step % 50 == 0:
+                bars[stage].set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
+
+        save_toy_pipeline(tmp, np.stack(images), metadata, world.caption_corpus(seed=args.seed), args.vae_steps,
+                          args.tower_steps, vae_images=args.vae_images, seed=args.seed,
+                          compute_dtype=torch.bfloat16 if precision == "bf16" else None, progress=progress)
+        for bar in bars.values():
+            bar.close()
+    os.replace(tmp, pipeline)
     print(f"toy world in {out} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return pipeline
 

@@ -1,7 +1,7 @@
 """The toy world: coloured shapes on a grey background, captioned like GenEval's prompts.
 
 Three shapes (circle, square, triangle: GenEval's "classes") in GenEval's ten colours, drawn anti-aliased on a
-plain grey background at 64x64 (an 8x8 latent: 16 image tokens). Scenes come in GenEval's six tasks: single
+plain grey background at 64x64 (an 8x8 latent; the toy MM-DiT's patch 1 makes it 64 image tokens). Scenes come in GenEval's six tasks: single
 object, two objects, counting (two to four), colours, position (left of, right of, above, below) and colour
 attribution. The world is small enough that an SD3-architecture pipeline trains on it on a CPU in minutes, and plain
 image analysis can judge it (mmdit.toy.detector), so it gives a quality signal on any machine.
@@ -165,6 +165,74 @@ def prompt_metadata(tag: str, clauses: list[tuple], relation: str | None = None,
     if held_out is not None:
         meta["held_out"] = held_out
     return meta
+
+
+def caption_of(meta: dict) -> str:
+    """The caption (GenEval's phrasing) of a prompt's metadata: the inverse of how scenes are captioned."""
+    tag, clauses = meta["tag"], meta["include"]
+    if tag == "single_object":
+        return f"a photo of a {clauses[0]['class']}"
+    if tag == "colors":
+        return f"a photo of a {clauses[0]['color']} {clauses[0]['class']}"
+    if tag == "two_object":
+        return f"a photo of a {clauses[0]['class']} and a {clauses[1]['class']}"
+    if tag == "counting":
+        return f"a photo of {NUMBERS[clauses[0]['count']]} {clauses[0]['class']}s"
+    if tag == "position":
+        return f"a photo of a {clauses[1]['class']} {clauses[1]['position'][0]} a {clauses[0]['class']}"
+    if tag == "color_attr":
+        (a, b) = clauses
+        return f"a photo of a {a['color']} {a['class']} and a {b['color']} {b['class']}"
+    raise ValueError(f"unknown toy task {tag!r}; known: single_object, {', '.join(TASK_WEIGHTS)}")
+
+
+def is_held_out(meta: dict) -> bool:
+    """Whether a prompt's combination or phrasing is held out of training (HELD_OUT_*)."""
+    tag, clauses = meta["tag"], meta["include"]
+    if tag == "single_object":
+        return True
+    if tag == "two_object":
+        return (clauses[0]["class"], clauses[1]["class"]) in HELD_OUT_PAIRS
+    if tag == "counting":
+        return (clauses[0]["count"], clauses[0]["class"]) in HELD_OUT_COUNTS
+    if tag == "position":
+        return (clauses[1]["class"], clauses[1]["position"][0], clauses[0]["class"]) in HELD_OUT_POSITIONS
+    return any((c.get("color"), c["class"]) in HELD_OUT_COLORS for c in clauses)
+
+
+def near_miss(meta: dict, rng: np.random.Generator, tries: int = 20) -> dict | None:
+    """The metadata of a prompt one attribute away from meta that shows a different picture (another colour,
+    count or shape; the two colours swapped; the relation's objects swapped), never a held-out one; None when
+    none was found."""
+    tag = meta["tag"]
+    for _ in range(tries):
+        clauses = [dict(c) for c in meta["include"]]
+        if tag == "colors":
+            clauses[0]["color"] = str(rng.choice([c for c in COLORS if c != clauses[0]["color"]]))
+        elif tag == "counting":
+            clauses[0]["count"] = int(rng.choice([n for n in NUMBERS if n != clauses[0]["count"]]))
+        elif tag == "two_object":
+            k = int(rng.integers(2))
+            clauses[k]["class"] = next(s for s in SHAPES if s not in (clauses[0]["class"], clauses[1]["class"]))
+        elif tag == "position":
+            if rng.random() < 0.5:
+                clauses[0]["class"], clauses[1]["class"] = clauses[1]["class"], clauses[0]["class"]
+            else:
+                clauses[1]["position"] = [str(rng.choice([r for r in RELATIONS if r != clauses[1]["position"][0]])), 0]
+        elif tag == "color_attr":
+            if clauses[0]["color"] == clauses[1]["color"] or rng.random() < 0.3:
+                k = int(rng.integers(2))
+                clauses[k]["color"] = str(rng.choice([c for c in COLORS if c != clauses[k]["color"]]))
+            else:
+                clauses[0]["color"], clauses[1]["color"] = clauses[1]["color"], clauses[0]["color"]
+        else:
+            return None
+        candidate = {**meta, "include": clauses}
+        if tag == "counting":
+            candidate["exclude"] = [{"class": clauses[0]["class"], "count": clauses[0]["count"] + 1}]
+        if not is_held_out(candidate):
+            return candidate
+    return None
 
 
 def evaluation_prompts() -> list[dict]:

@@ -1,0 +1,163 @@
+"""Toy GenEval of a training run: every checkpoint's EMA scored on the toy prompt file, seen and held-out prompts
+apart, as a table and a learning curve (score against samples seen).
+
+    python3 -m mmdit.toy.evaluate runs/toy --samples-per-prompt 16        # every checkpoint, then the export
+    python3 -m mmdit.toy.evaluate runs/toy --only-export --no-t5
+
+Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with the
+sampling defaults of the bundled model (28 Euler steps, CFG 2), and the toy detector judges it. Per attribute:
+shape = single and two objects, colour = colours, count = counting, position = position, binding = colour
+attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curve_no_t5.* with --no-t5).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from mmdit.cli import Parser, fail
+
+TASKS_BY_ATTRIBUTE = {"shape": ("single_object", "two_object"), "colour": ("colors",), "count": ("counting",),
+                      "position": ("position",), "binding": ("color_attr",)}
+
+
+def attribute_scores(results: list[dict]) -> dict:
+    """{"seen" / "held_out": {"overall": GenEval's score, attribute: image accuracy}} of toy GenEval results."""
+    from mmdit.eval.geneval import summarize
+
+    out = {}
+    for split in ("seen", "held_out"):
+        chosen = [r for r in results if json.loads(r["metadata"]).get("held_out", False) == (split == "held_out")]
+        summary = summarize(chosen)
+        scores = {"overall": summary["overall"], "images": summary["images"]}
+        for attribute, tasks in TASKS_BY_ATTRIBUTE.items():
+            hits = [r["correct"] for r in chosen if r["tag"] in tasks]
+            scores[attribute] = sum(hits) / len(hits) if hits else None
+        out[split] = scores
+    return out
+
+
+def score_weights(weights: Path, components: Path, outdir: Path, samples_per_prompt: int, no_t5: bool,
+                  cfg: float = 2.0, steps: int = 28) -> dict:
+    """Toy GenEval of one MM-DiT (any format load_mmdit reads) inside the components' pipeline."""
+    from mmdit.checkpoint import load_mmdit
+    from mmdit.config import Settings
+    from mmdit.eval.geneval import generate, score
+    from mmdit.pipeline import SD3Pipeline
+    from mmdit.toy.detector import ToyDetector
+
+    from mmdit.toy.world import evaluation_prompts
+
+    prompts = outdir.with_name("toy_geneval.jsonl")   # the same prompts as data/toy_geneval.jsonl (tested)
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in evaluation_prompts()))
+    from mmdit.loading import weights_digest
+
+    pipe = SD3Pipeline.load(components, no_t5=no_t5)
+    pipe.transformer = load_mmdit(weights).eval()
+    settings = Settings(steps=steps, cfg=cfg, shift=pipe.shift, width=pipe.default_side, height=pipe.default_side)
+    record = {"weights": str(weights), "weights_sha256": weights_digest(weights), "t5": not no_t5}
+    try:   # images of these very weights and settings are kept (a rerun only scores again); any others go
+        generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
+                 record=record)
+    except ValueError:
+        shutil.rmtree(outdir)
+        generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
+                 record=record)
+    results = score(outdir, ToyDetector(), outdir / "results.jsonl")
+    return attribute_scores([json.loads(line) for line in results.read_text().splitlines()])
+
+
+def plot_curve(rows: list[dict], path: Path, width: int = 640, height: int = 400):
+    """A line chart (PIL, no plotting library): overall score of seen and held-out prompts against samples seen."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 20, 20, height - 50
+    most = max(r["samples"] for r in rows) or 1
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for tick in range(0, 11, 2):
+        y = bottom - (bottom - top) * tick / 10
+        draw.line((left - 4, y, left, y), fill="black")
+        draw.text((left - 34, y - 6), f"{tick / 10:.1f}", fill="black")
+    for k in range(5):
+        x = left + (right - left) * k / 4
+        draw.text((x - 20, bottom + 6), f"{most * k / 4 / 1e3:.0f}k", fill="black")
+    draw.text(((left + right) // 2 - 60, bottom + 26), "samples seen", fill="black")
+    for split, color in (("seen", (30, 90, 200)), ("held_out", (220, 60, 30))):
+        points = [(left + (right - left) * r["samples"] / most, bottom - (bottom - top) * r[split]["overall"])
+                  for r in rows]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        draw.text((right - 150, top + (10 if split == "seen" else 26)), f"{split} overall", fill=color)
+    image.save(path)
+
+
+def curve_table(rows: list[dict]) -> str:
+    attributes = list(TASKS_BY_ATTRIBUTE)
+    lines = ["| step | samples | split | overall | " + " | ".join(attributes) + " |",
+             "|---|---|---|---|" + "---|" * len(attributes)]
+    for r in rows:
+        for split in ("seen", "held_out"):
+            s = r[split]
+            cells = " | ".join("-" if s[a] is None else f"{s[a]:.3f}" for a in attributes)
+            lines.append(f"| {r['step']} | {r['samples']} | {split} | {s['overall']:.3f} | {cells} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = Parser(prog="python3 -m mmdit.toy.evaluate", description=__doc__)
+    p.add_argument("run", help="a training run's folder (train.out_dir)")
+    p.add_argument("--samples-per-prompt", type=int, default=16, help="images per prompt")
+    p.add_argument("--no-t5", action="store_true", help="sample without T5, as sample.py --no-t5")
+    p.add_argument("--only-export", action="store_true", help="score export/ema.safetensors only")
+    p.add_argument("--steps", type=int, nargs="*", default=None, help="only the checkpoints of these steps (and "
+                   "the export; default: every checkpoint)")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if not (run / "config.json").is_file():
+        fail(p.prog, f"{run} is not a training run (no config.json)")
+    if args.samples_per_prompt < 1:
+        fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
+    recipe = json.loads((run / "config.json").read_text())
+    if not (Path(recipe["train"]["sample_model"] or "") / "model_index.json").is_file():
+        fail(p.prog, f"{run}'s train.sample_model {recipe['train']['sample_model']!r} is no pipeline directory: the "
+                     f"components to sample with")
+    components = Path(recipe["train"]["sample_model"] or "")
+    world_size = json.loads((run / "run.json").read_text())["world_size"] if (run / "run.json").is_file() else 1
+    batch = recipe["data"]["batch_size"] * recipe["optim"]["grad_accum"] * world_size   # samples per step
+    targets = [] if args.only_export else [(int(c.name.split("_")[1]), c / "ema.safetensors")
+                                           for c in sorted((run / "checkpoints").glob("step_*"))]
+    targets = [(step, w) for step, w in targets if args.steps is None or step in args.steps]
+    if (run / "export" / "ema.safetensors").is_file():
+        targets.append((recipe["train"]["steps"], run / "export" / "ema.safetensors"))
+    if not targets:
+        fail(p.prog, f"{run} has no checkpoint or export to score (steps asked: {args.steps})")
+    rows, seen_steps = [], set()
+    tag = "no_t5" if args.no_t5 else "t5"
+    for step, weights in targets:
+        if step in seen_steps:
+            continue
+        seen_steps.add(step)
+        try:
+            scores = score_weights(weights, components, run / "eval" / f"{tag}_step_{step:08d}",
+                                   args.samples_per_prompt, args.no_t5)
+        except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
+            fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        rows.append({"step": step, "samples": step * batch, **scores})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    out = run / "eval"
+    out.mkdir(exist_ok=True)
+    (out / f"curve_{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"curve_{tag}.md").write_text(curve_table(rows) + "\n")
+    plot_curve(rows, out / f"curve_{tag}.png")
+    print(curve_table(rows))
+
+
+if __name__ == "__main__":
+    main()
