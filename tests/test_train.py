@@ -175,7 +175,13 @@ def test_two_processes_with_deepspeed_zero2(tmp_path):
                f"data.shards={tmp_path / 'train'}", f"train.out_dir={out}", f"train.steps={steps}",
                "train.log_every=1", "data.batch_size=2", "train.checkpoint_every=100",
                "data.caption_variant_probs=[1]", *extra]
-        result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        for _ in range(2):
+            result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            # Now and then a rank aborts in its C++ teardown once its work is written ("terminate called without
+            # an active exception", gloo on CPU; open, see the training issue). The run is deterministic and
+            # resumable, so one rerun stands in for that attempt; any other failure fails at once.
+            if result.returncode == 0 or "terminate called without an active exception" not in result.stderr:
+                break
         assert result.returncode == 0, result.stderr[-2000:]
 
     def records(out, name):
