@@ -225,7 +225,7 @@ def main(argv=None):
     from mmdit.text import assemble, sample_keep
 
     # ---- processes: one, or several under accelerate launch with DeepSpeed ZeRO ----
-    from mmdit.precision import choose_precision
+    from mmdit.precision import bf16_speedup, choose_precision
 
     accelerator, rank, world = None, 0, int(os.environ.get("WORLD_SIZE", "1"))
     # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
@@ -233,7 +233,7 @@ def main(argv=None):
     recorded = torch.load(resume / "state_rank0.pt", weights_only=True).get("precision") if resume else None
     precision = recorded if cfg.train.precision == "auto" and recorded else choose_precision(
         cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu",
-        **({"speedup": lambda device: 0.0} if world > 1 else {}))
+        speedup=(lambda device: 0.0) if world > 1 else bf16_speedup)
     if world > 1:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs

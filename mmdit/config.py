@@ -155,7 +155,8 @@ def _first_settings_problem(s: "Settings") -> str | None:
 
     checks = [
         ("steps", whole(s.steps, 1, MAX_STEPS), f"an integer in [1, {MAX_STEPS}]"),
-        ("cfg", _finite_in(s.cfg, 0, MAX_GUIDANCE), f"a finite number in [0, {MAX_GUIDANCE}] (<= 1 turns guidance off)"),
+        ("cfg", _finite_in(s.cfg, 0, MAX_GUIDANCE),
+         f"a finite number in [0, {MAX_GUIDANCE}] (<= 1 turns guidance off)"),
         ("shift", s.shift is None or _finite_in(s.shift, 0, MAX_SHIFT, low_open=True),
          f"a finite number in (0, {MAX_SHIFT}]"),
         ("sampler", s.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),

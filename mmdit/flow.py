@@ -47,22 +47,16 @@ def sample_sigmas(n: int, method: str = "lognorm", *, mean: float = 0.0, std: fl
     uniform: sigma ~ U(0, 1).  lognorm(m, s): sigma = sigmoid(N(m, s)), the paper's default (0, 1).
     mode(s): sigma = 1 - u - s * (cos^2(pi u / 2) - 1 + u).  cosmap: sigma = 1 - 1 / (tan(pi u / 2) + 1).
     """
-    def uniform():
-        return torch.rand(n, generator=generator, device=device)
-
-    def mode():
-        u = uniform()
+    if method == "lognorm":
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    if method not in _TIMESTEP_SAMPLER_NAMES:
+        raise ValueError(f"unknown timestep sampler {method!r}; accepted: {', '.join(_TIMESTEP_SAMPLER_NAMES)}")
+    u = torch.rand(n, generator=generator, device=device)
+    if method == "uniform":
+        return u
+    if method == "mode":
         return 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-
-    draws = {
-        "uniform": uniform,
-        "lognorm": lambda: torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device)),
-        "mode": mode,
-        "cosmap": lambda: 1 - 1 / (torch.tan(math.pi * uniform() / 2) + 1),
-    }
-    if method not in draws:
-        raise ValueError(f"unknown timestep sampler {method!r}; accepted: {', '.join(draws)}")
-    return draws[method]()
+    return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)   # cosmap
 
 
 def lognorm_density(sigma, mean: float = 0.0, std: float = 1.0):
@@ -78,11 +72,13 @@ def cosmap_density(sigma):
 
 def loss_weight(sigma: torch.Tensor, weighting: str = "none") -> torch.Tensor:
     """Per-sample loss weights: none (1), sigma_sqrt (sigma^-2) or cosmap (its density), as diffusers names them."""
-    weights = {"none": lambda: torch.ones_like(sigma), "sigma_sqrt": lambda: sigma.float() ** -2,
-               "cosmap": lambda: cosmap_density(sigma.float())}
-    if weighting not in weights:
-        raise ValueError(f"unknown loss weighting {weighting!r}; accepted: {', '.join(weights)}")
-    return weights[weighting]()
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    if weighting == "sigma_sqrt":
+        return sigma.float() ** -2
+    if weighting == "cosmap":
+        return cosmap_density(sigma.float())
+    raise ValueError(f"unknown loss weighting {weighting!r}; accepted: none, sigma_sqrt, cosmap")
 
 
 def flow_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
@@ -147,6 +143,7 @@ def sample(velocity: Velocity, noise: torch.Tensor, schedule: torch.Tensor, meth
 
 
 _SAMPLER_NAMES = ("euler", "heun", "dpmpp_2m")   # the branches of sample()
+_TIMESTEP_SAMPLER_NAMES = ("uniform", "lognorm", "mode", "cosmap")   # the branches of sample_sigmas()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -157,8 +157,8 @@ def test_toy_pipeline_loads_as_any_diffusers_pipeline(toy_pipeline):
 
 
 def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
-    """train.py prepares the toy world itself (mmdit.toy.prepare: the world, then precompute), trains and exports a pipeline; sample.py
-    draws from it; the GenEval generator, toy judge and summary score it; the float16 bundle changes nothing."""
+    """train.py prepares the toy world itself (mmdit.toy.prepare: the world, then precompute), trains and exports a
+    pipeline; sample.py draws from it; the GenEval generator, toy judge and summary score it; the float16 bundle changes nothing."""
     train, sample = load_entry_point("train.py"), load_entry_point("sample.py")
     run = tmp_path / "run"
     world_args = json.dumps(["--out", str(tmp_path / "world"), "--train-samples", "64", "--val-samples", "16",

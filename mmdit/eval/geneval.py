@@ -225,8 +225,8 @@ def generate(metadata_path, outdir, pipe, settings, *, samples_per_prompt: int =
               "seed": seed, "seed_rule": "seed + prompt_index * samples_per_prompt + sample_index",
               "metadata": str(metadata_path)}
     config_file = outdir / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()) != config:
-        earlier = json.loads(config_file.read_text())
+    earlier = json.loads(config_file.read_text()) if config_file.is_file() else config
+    if earlier != config:
         if not overwrite:
             key = next(k for k in sorted(set(earlier) | set(config)) if earlier.get(k) != config.get(k))
             raise ValueError(f"{outdir} holds another run ({key}: {earlier.get(key)!r} there, "

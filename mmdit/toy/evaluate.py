@@ -13,7 +13,6 @@ attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curv
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -59,13 +58,9 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     pipe.transformer = load_mmdit(weights).eval()
     settings = Settings(steps=steps, cfg=cfg, shift=pipe.shift, width=pipe.default_side, height=pipe.default_side)
     record = {"weights": str(weights), "weights_sha256": weights_digest(weights), "t5": not no_t5}
-    try:   # images of these very weights and settings are kept (a rerun only scores again); any others go
-        generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
-                 record=record)
-    except ValueError:
-        shutil.rmtree(outdir)
-        generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
-                 record=record)
+    # overwrite: images of these very weights and settings are kept (a rerun only scores again), others replaced
+    generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
+             record=record, overwrite=True)
     results = score(outdir, ToyDetector(), outdir / "results.jsonl")
     return attribute_scores([json.loads(line) for line in results.read_text().splitlines()])
 

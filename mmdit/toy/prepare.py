@@ -21,6 +21,9 @@ from mmdit.config import PRECISIONS
 from mmdit.toy import world
 
 
+COMPONENT_TRAINING = {"vae_steps": 1000, "vae_images": 2000, "tower_steps": 1500}   # the defaults of these flags
+
+
 def add_world_arguments(parser: argparse.ArgumentParser):
     """The world's flags: `data/make_toy.py world` and a toy recipe's data.prepare_args take the same."""
     parser.add_argument("--out", required=True, help="the world's folder")
@@ -29,10 +32,13 @@ def add_world_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--components", default=None, help="a toy pipeline whose VAE, towers and tokenizers to use "
                         "instead of training them ('bundled': the bundled model's, as toy recipes do; default: train "
                         "them, once)")
-    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
-    parser.add_argument("--vae-images", type=int, default=2000, help="training images the VAE sees (the towers see "
+    parser.add_argument("--vae-steps", type=int, default=COMPONENT_TRAINING["vae_steps"],
+                        help="VAE training steps")
+    parser.add_argument("--vae-images", type=int, default=COMPONENT_TRAINING["vae_images"],
+                        help="training images the VAE sees (the towers see "
                         "all)")
-    parser.add_argument("--tower-steps", type=int, default=1500, help="text tower training steps (0: random towers)")
+    parser.add_argument("--tower-steps", type=int, default=COMPONENT_TRAINING["tower_steps"],
+                        help="text tower training steps (0: random towers)")
     parser.add_argument("--vae-precision", choices=PRECISIONS, default="auto",
                         help="autocast dtype of the VAE's training (auto: bf16 where it is faster here)")
     parser.add_argument("--seed", type=int, default=0, help="everything in the world is a function of it")
@@ -44,8 +50,7 @@ def check_world_arguments(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.tower_steps < 0:
         raise ValueError(f"--tower-steps must be >= 0, got {args.tower_steps}")
-    given = [f"--{k.replace('_', '-')}" for k, default in (("vae_steps", 1000), ("tower_steps", 1500),
-                                                           ("vae_images", 2000)) if getattr(args, k) != default]
+    given = [f"--{k.replace('_', '-')}" for k, default in COMPONENT_TRAINING.items() if getattr(args, k) != default]
     if args.components is not None and given:
         raise ValueError(f"{', '.join(given)} train components, which --components {args.components} replaces; "
                          f"give one or the other")

@@ -1,9 +1,9 @@
 """The toy world: coloured shapes on a grey background, captioned like GenEval's prompts.
 
 Three shapes (circle, square, triangle: GenEval's "classes") in GenEval's ten colours, drawn anti-aliased on a
-plain grey background at 64x64 (an 8x8 latent; the toy MM-DiT's patch 1 makes it 64 image tokens). Scenes come in GenEval's six tasks: single
-object, two objects, counting (two to four), colours, position (left of, right of, above, below) and colour
-attribution. The world is small enough that an SD3-architecture pipeline trains on it on a CPU in minutes, and plain
+plain grey background at 64x64 (an 8x8 latent; the toy MM-DiT's patch 1 makes it 64 image tokens). Scenes come
+in GenEval's six tasks: single object, two objects, counting (two to four), colours, position (left of, right of,
+above, below) and colour attribution. The world is small enough that an SD3-architecture pipeline trains on it on a CPU in minutes, and plain
 image analysis can judge it (mmdit.toy.detector), so it gives a quality signal on any machine.
 
 Held out of training, so generalisation can be measured (HELD_OUT_*): six colour-shape pairs are never drawn at
