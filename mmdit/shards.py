@@ -19,6 +19,7 @@ drop it on its own. Tar headers carry no time or owner, so the same input gives 
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -57,6 +58,40 @@ def to_array(tensor: torch.Tensor, dtype: str) -> np.ndarray:
 def from_array(array: np.ndarray, dtype: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(array))
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_npy_headers: dict[bytes, tuple] = {}   # header bytes -> (dtype, shape, fortran order): shards repeat a few
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """A .npy member as a writable array, as np.load(allow_pickle=False) reads it, without its per-call cost:
+    a shard's members share a handful of headers, so each is parsed once (for small arrays np.load's header
+    parsing costs more than the copy, and the loader shares the step's CPU)."""
+    if data[:6] != _NPY_MAGIC or data[6] not in (1, 2, 3):
+        raise ValueError("not a .npy array (bad magic or version)")
+    size_bytes = 2 if data[6] == 1 else 4
+    start = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
+    header = data[8 + size_bytes:start]
+    parsed = _npy_headers.get(header)
+    if parsed is None:
+        try:
+            fields = ast.literal_eval(header.decode("latin1"))
+        except (SyntaxError, ValueError) as e:
+            raise ValueError(f"an unreadable .npy header ({e})") from None
+        if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
+            raise ValueError("a .npy header without descr, fortran_order and shape")
+        dtype = np.dtype(fields["descr"])
+        if dtype.hasobject:
+            raise ValueError("a .npy array of Python objects (pickled); refused")
+        parsed = (dtype, tuple(int(n) for n in fields["shape"]), bool(fields["fortran_order"]))
+        if len(_npy_headers) < 4096:
+            _npy_headers[header] = parsed
+    dtype, shape, fortran = parsed
+    count = int(np.prod(shape))
+    if len(data) - start != count * dtype.itemsize:
+        raise ValueError(f"a .npy array of {len(data) - start} bytes where its header says {count * dtype.itemsize}")
+    return np.frombuffer(data, dtype, count, start).reshape(shape, order="F" if fortran else "C").copy()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -113,7 +148,7 @@ def decode_sample(members: dict[str, bytes]) -> dict:
     dtype = record["dtype"]
 
     def load(ext):
-        return from_array(np.load(io.BytesIO(members[ext]), allow_pickle=False), dtype)
+        return from_array(read_npy(members[ext]), dtype)
 
     if not isinstance(record, dict):
         raise ValueError("the record is not a JSON object")
@@ -128,8 +163,7 @@ def decode_sample(members: dict[str, bytes]) -> dict:
             raise ValueError(f"member {missing[0]} is missing")
         variant = {name: load(f"v{n}.{name}.npy") for name in TEXT_FIELDS if f"v{n}.{name}.npy" in members}
         if f"v{n}.t5.q8.npy" in members:
-            q, scale = (np.load(io.BytesIO(members[f"v{n}.t5.{part}.npy"]), allow_pickle=False)
-                        for part in ("q8", "scale"))
+            q, scale = (read_npy(members[f"v{n}.t5.{part}.npy"]) for part in ("q8", "scale"))
             variant["t5"] = dequantize_int8(q, scale).to(getattr(torch, dtype))
         variants.append(variant)
     return {"record": record, "latent": load("latent.npy"), "variants": variants}

@@ -65,6 +65,31 @@ def test_shards_are_plain_webdataset_and_npy(tmp_path):
     assert array.dtype == np.float16 and array.shape == (C, 4, 4)
 
 
+@pytest.mark.parametrize("array", [np.arange(24, dtype=np.float16).reshape(2, 3, 4),
+                                   np.asfortranarray(np.arange(6, dtype=np.uint16).reshape(2, 3)),
+                                   np.arange(3, dtype=">f4"), np.zeros((0, 5), np.int8), np.float32(7.0)])
+def test_read_npy_matches_numpy(array):
+    data = io.BytesIO()
+    np.save(data, array, allow_pickle=False)
+    ours, ref = shards.read_npy(data.getvalue()), np.load(io.BytesIO(data.getvalue()), allow_pickle=False)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape and np.array_equal(ours, ref)
+    assert ours.flags.writeable   # torch.from_numpy warns on read-only arrays
+
+
+def test_read_npy_refuses_what_np_load_refuses():
+    data = io.BytesIO()
+    np.save(data, np.arange(10, dtype=np.float32), allow_pickle=False)
+    good = data.getvalue()
+    with pytest.raises(ValueError, match="bad magic"):
+        shards.read_npy(b"PK" + good[2:])
+    with pytest.raises(ValueError, match="header says"):
+        shards.read_npy(good[:-4])
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickled"):
+        shards.read_npy(pickled.getvalue())
+
+
 def test_writes_are_reproducible_and_atomic(tmp_path):
     write_shards(tmp_path / "a", n_shards=1)
     write_shards(tmp_path / "b", n_shards=1)

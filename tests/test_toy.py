@@ -218,6 +218,23 @@ def test_the_bundled_model_is_the_default_and_small(tmp_path):
     assert default_cfg(tmp_path) == default_cfg("stabilityai/stable-diffusion-3.5-medium") == SD3_CFG == 7.0
 
 
+def test_the_bundled_model_as_a_stability_single_file_draws_the_same(tmp_path):
+    """The toy pipeline exported as one all-in-one file (its VAE has 16 norm groups, which the weights do not show:
+    the file's metadata does) loads through the single-file loaders and draws what the directory draws."""
+    from mmdit.loading import export_single_file
+    from mmdit.toy import BUNDLED_MODEL
+
+    single = tmp_path / "toy_incl_clips_t5.safetensors"
+    export_single_file(BUNDLED_MODEL, single)
+    sample = load_entry_point("sample.py")
+    common = ["--prompt", "a photo of a red circle", "--steps", "4", "--seed", "3", "--dtype", "fp32", "--cfg", "2"]
+    sample.main([*common, "--out", str(tmp_path / "dir.png")])
+    sample.main([*common, "--model", str(single), "--t5-tokenizer", str(BUNDLED_MODEL / "tokenizer_3"),
+                 "--out", str(tmp_path / "file.png")])
+    a, b = (np.asarray(Image.open(tmp_path / f), dtype=float) for f in ("dir.png", "file.png"))
+    assert np.abs(a - b).mean() < 0.5
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     make_toy = load_entry_point("data/make_toy.py")
     with pytest.raises(SystemExit) as e:
