@@ -99,9 +99,39 @@ def export_pipeline(transformer: Path, base: Path, target: Path):
     os.replace(tmp, target)
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a missing or truncated file), or None. Reads headers and
+    zip directories only: a file cut short loses its end, which both formats need."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if not folder.is_dir():
+        return "no such folder"
+    states = sorted(folder.glob("state_rank*.pt"))
+    engine = [folder / "deepspeed"] if (folder / "deepspeed").is_dir() else [folder / "optimizer.pt"]
+    for path in [folder / "model.safetensors", folder / "ema.safetensors", *engine, *(states or [folder / "state_rank0.pt"])]:
+        if not path.exists():
+            return f"{path.name} is missing"
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            elif path.suffix == ".pt":
+                zipfile.ZipFile(path).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as e:
+            return f"{path.name} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+    """The newest checkpoint that can be resumed from; newer incomplete or corrupt ones are named and passed over."""
+    for folder in sorted((out_dir / "checkpoints").glob("step_*"), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        print(f"warning: skipping checkpoint {folder}: {problem}", file=sys.stderr)
+    return None
 
 
 def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int, accelerator=None) -> Path:
@@ -130,7 +160,14 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict
     torch.save(state, tmp / f"state_rank{rank}.pt")
     barrier()
     if rank == 0:
-        os.replace(tmp, folder)
+        if folder.exists():   # this step saved before (a corrupt checkpoint passed over on resume): replace it
+            stale = folder.with_name(f".{folder.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(folder, stale)
+            os.replace(tmp, folder)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, folder)
         for old in sorted((out_dir / "checkpoints").glob("step_*"))[:-keep]:
             shutil.rmtree(old)
     barrier()
@@ -205,17 +242,26 @@ def main(argv=None):
         if not cfg.data.shards:
             raise ValueError("data.shards is empty: give a shard folder (with manifest.json), e.g. "
                              "data.shards=shards/train")
-        shard_list(cfg.data.shards)
-        if cfg.data.val_shards:
-            shard_list(cfg.data.val_shards)
+        for source in (cfg.data.shards, cfg.data.val_shards):
+            listed = shard_list(source) if source else []
+            absent = [p for p in listed if not Path(p).is_file()]
+            if absent:   # an epoch of nothing would repeat forever
+                raise ValueError(f"{len(absent)} of the {len(listed)} shards that {source} names are missing: "
+                                 f"{', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
     except ValueError as e:
         fail(str(e))
     out_dir = Path(cfg.train.out_dir)
     resume = None
     if args.resume:
-        resume = latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
-        if resume is None or not (resume / "state_rank0.pt").is_file():
-            fail(f"no checkpoint to resume from at {args.resume if args.resume != 'latest' else out_dir}")
+        if args.resume == "latest":
+            resume = latest_checkpoint(out_dir)
+            if resume is None:
+                fail(f"--resume latest: no complete checkpoint in {out_dir / 'checkpoints'}")
+        else:
+            resume = Path(args.resume)
+            problem = checkpoint_problem(resume)
+            if problem:
+                fail(f"--resume {resume}: cannot resume from it: {problem}")
 
     import torch
 
@@ -342,9 +388,14 @@ def main(argv=None):
         try:
             batch = next(batches)
         except StopIteration:  # end of an epoch: the next one is shuffled anew
+            if batches_in_epoch == 0:   # (a resume counts the batches it skipped) an empty epoch repeats forever
+                fail(f"epoch {epoch} gave rank {rank} no batch: data.batch_size {cfg.data.batch_size} is more than "
+                     f"its share of the samples in {cfg.data.shards}, or none could be read")
             epoch, batches_in_epoch = epoch + 1, 0
             batches = loader_for(epoch, 0)
             continue
+        except ValueError as e:   # a stream that can yield nothing (mmdit.shards); a loader worker's comes wrapped
+            fail(f"data: {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}")
         batches_in_epoch += 1
         x0 = batch["latent"].float().to(device)
         B = x0.shape[0]

@@ -103,7 +103,9 @@ def test_validation_is_deterministic_and_ema_is_the_formula(shard_dir, tmp_path)
 @pytest.mark.parametrize("extra,match", [
     (["optim.lrr=1"], "unknown config key optim.lrr"),
     (["data.shards=/nonexistent/shards"], "cannot read shard manifest"),
-    (["optim.cooldown_steps=-1"], "optim.cooldown_steps must be >= 0"),
+    (["optim.cooldown_steps=-1"], "optim.cooldown_steps must be a finite number in [0, inf)"),
+    (["train.steps=0"], "train.steps must be a finite number in [1, inf), got 0"),
+    (["train.log_every=0"], "train.log_every must be"),
 ])
 def test_bad_recipe_fails_before_compute(shard_dir, tmp_path, capsys, extra, match):
     with pytest.raises(SystemExit) as err:
@@ -118,6 +120,61 @@ def test_non_finite_losses_stop_the_run(shard_dir, tmp_path, capsys):
         train_cli.main(args(shard_dir, tmp_path / "run", "optim.lr=1e30", "optim.warmup_steps=1", "optim.grad_clip=1e30",
                             "train.max_bad_steps=3", "train.steps=20", "train.checkpoint_every=1"))
     assert err.value.code == 2 and "non-finite losses in a row" in capsys.readouterr().err
+
+
+def run_cli(argv, timeout=120):
+    """train.py as a command, with a deadline: a run that cannot end fails the test instead of hanging it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def broken_copies(shard_dir, folder, keep_tars: bool):
+    """The train shards' manifest in `folder`, with its tars either absent or replaced by bytes that are no tar."""
+    import shutil
+
+    folder.mkdir()
+    shutil.copy(shard_dir / "train" / "manifest.json", folder)
+    if keep_tars:
+        for tar in (shard_dir / "train").glob("*.tar"):
+            (folder / tar.name).write_bytes(b"not a tar" * 100)
+    return folder
+
+
+@pytest.mark.parametrize("case,extra,match", [
+    ("batch", ["data.batch_size=100"], "epoch 0 gave rank 0 no batch: data.batch_size 100 is more than"),
+    ("missing", [], "3 of the 3 shards that"),
+    ("unreadable", [], "epoch 0 gave rank 0 no batch"),
+    ("unreadable", ["data.resampled=true"], "data: none of the 3 shards gave a readable sample"),
+    ("unreadable", ["data.resampled=true", "data.num_workers=1"], "data: none of the 3 shards gave a readable"),
+])
+def test_data_that_cannot_fill_a_batch_ends_the_run(shard_dir, tmp_path, case, extra, match):
+    """Each of these used to spin forever at full CPU (deaf to SIGTERM): now one line and exit 2, at once."""
+    shards_arg = []
+    if case != "batch":
+        shards_arg = [f"data.shards={broken_copies(shard_dir, tmp_path / 'shards', case == 'unreadable')}"]
+    result = run_cli(args(shard_dir, tmp_path / "run", "train.steps=5", *shards_arg, *extra), timeout=90)
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert result.returncode == 2 and lines and match in lines[-1], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "state_rank0.pt"])
+def test_resume_latest_passes_over_a_corrupt_newest_checkpoint(shard_dir, tmp_path, capsys, victim):
+    common = ("train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=5", "data.batch_size=3")
+    train_cli.main(args(shard_dir, tmp_path / "one", "train.steps=6", *common))
+    train_cli.main(args(shard_dir, tmp_path / "two", "train.steps=4", *common))
+    newest = tmp_path / "two" / "checkpoints" / "step_00000004"
+    data = (newest / victim).read_bytes()
+    (newest / victim).write_bytes(data[: len(data) // 2])      # cut short, as a crash in a copy would leave it
+    with pytest.raises(SystemExit) as err:                     # named explicitly: refused with one line
+        train_cli.main(args(shard_dir, tmp_path / "two", "train.steps=6", *common) + ["--resume", str(newest)])
+    assert err.value.code == 2 and f"{victim} is unreadable" in capsys.readouterr().err
+    train_cli.main(args(shard_dir, tmp_path / "two", "train.steps=6", *common) + ["--resume", "latest"])
+    assert f"skipping checkpoint {newest}: {victim} is unreadable" in capsys.readouterr().err
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert all(one[s] == two[s] for s in range(3, 7))          # steps 3-6 again, from step 2, bit for bit
 
 
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(shard_dir, tmp_path):
