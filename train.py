@@ -14,7 +14,6 @@ Several processes (accelerate launch) train with DeepSpeed ZeRO (train.deepspeed
 its own shards, gradients are reduced by the engine, and checkpoints hold every rank's optimizer shard and state.
 """
 
-import contextlib
 import importlib
 import json
 import os
@@ -41,15 +40,26 @@ def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0
     return lr
 
 
-def update_ema(ema, model, decay: float):
-    """ema <- decay * ema + (1 - decay) * model, in fp32, over parameters and buffers alike."""
+def update_ema(ema, weights: dict, decay: float):
+    """ema <- decay * ema + (1 - decay) * weights (a state dict: master_weights), in fp32, parameters and buffers."""
     import torch
 
     with torch.no_grad():
-        pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())
-                 if e.dtype.is_floating_point]
+        pairs = [(e, weights[k]) for k, e in ema.state_dict().items() if e.dtype.is_floating_point]
         targets = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in pairs]
         torch._foreach_lerp_([e for e, _ in pairs], targets, 1 - decay)  # one fused pass instead of one per tensor
+
+
+def master_weights(raw_model, from_deepspeed: bool) -> dict:
+    """The model's state dict with the optimizer's fp32 master copy of every parameter, where the module holds only
+    bf16 copies or a ZeRO-3 shard (DeepSpeed: collective, every rank must call it); else the module's own tensors."""
+    state = raw_model.state_dict()
+    if from_deepspeed:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, parameter in raw_model.named_parameters():
+            state[name] = safe_get_full_fp32_param(parameter)
+    return state
 
 
 def parse_args(argv=None):
@@ -72,6 +82,33 @@ def end_together(accelerator):
 
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
+
+
+def choose_engine(recipe_deepspeed: str, world: int, env) -> tuple[str, str | None]:
+    """How this launch trains: ("deepspeed", its config file, or None for the launcher's --zero_stage flags),
+    ("ddp", None) or ("single", None). What `accelerate launch` says wins: its --use_deepspeed (with or without
+    --deepspeed_config_file, or from `accelerate config`); else several processes take the recipe's
+    train.deepspeed (relative paths from the repository), or DDP when that is empty. Raises ValueError for a launch
+    that started fewer processes than it was asked for, or a DeepSpeed file that is not there."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+        if path and not Path(path).is_file():
+            raise ValueError(f"accelerate launch --deepspeed_config_file {path}: no such file")
+        return "deepspeed", path
+    if world == 1:
+        # accelerate's plain launcher given --num_processes N > 1 without --multi_gpu / --use_deepspeed starts one
+        # process (and sets MASTER_ADDR for the others it never starts): training alone would be silently wrong
+        if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+            raise ValueError("accelerate launch was asked for several processes but started one: add --multi_gpu "
+                             "(DDP) or --use_deepspeed (on a machine without GPUs also --cpu), or launch one process")
+        return "single", None
+    if not recipe_deepspeed:
+        return "ddp", None
+    path = Path(recipe_deepspeed) if Path(recipe_deepspeed).is_absolute() else HERE / recipe_deepspeed
+    if not path.is_file():
+        raise ValueError(f"train.deepspeed {recipe_deepspeed}: no such file ({path}; relative paths are read from the "
+                         f"repository; \"\" trains with DDP)")
+    return "deepspeed", str(path)
 
 
 def preparation_step(module: str):
@@ -134,7 +171,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return None
 
 
-def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int, accelerator=None) -> Path:
+def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimizer, state: dict, keep: int,
+                    accelerator=None, deepspeed_engine: bool = False) -> Path:
     """Everything a bit-exact resume needs, written into a temporary folder that is renamed into place; the oldest
     beyond `keep` are removed. Under DeepSpeed every rank writes its optimizer shard and its own RNG / data state."""
     import torch
@@ -151,9 +189,9 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict
     barrier()
     raw = accelerator.unwrap_model(model) if accelerator else model
     if rank == 0:
-        save_mmdit(raw, tmp / "model.safetensors", "native")
+        save_mmdit(raw, tmp / "model.safetensors", "native", state=weights)
         save_mmdit(ema, tmp / "ema.safetensors", "native")
-    if accelerator:
+    if deepspeed_engine:
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective: each rank its optimizer shard
     else:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -270,31 +308,40 @@ def main(argv=None):
     from mmdit.model import MMDiT, train_step_flops
     from mmdit.text import assemble, sample_keep
 
-    # ---- processes: one, or several under accelerate launch with DeepSpeed ZeRO ----
+    # ---- processes: one, or several under accelerate launch (DeepSpeed ZeRO, or DDP) ----
     from mmdit.precision import bf16_speedup, choose_precision
 
     accelerator, rank, world = None, 0, int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        engine, deepspeed_file = choose_engine(cfg.train.deepspeed, world, os.environ)
+    except ValueError as e:
+        fail(str(e))
     # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
     # a resumed run keeps the precision its checkpoint recorded, so the rest of the run computes as the start did
     recorded = torch.load(resume / "state_rank0.pt", weights_only=True).get("precision") if resume else None
     precision = recorded if cfg.train.precision == "auto" and recorded else choose_precision(
         cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu",
         speedup=(lambda device: 0.0) if world > 1 else bf16_speedup)
-    if world > 1:
+    zero_stage = None
+    if engine != "single":
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-        plugin = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed)
-        # The batch size and clipping live in the recipe alone; the DeepSpeed file leaves them "auto".
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.batch_size,
-                                       gradient_accumulation_steps=cfg.optim.grad_accum,
-                                       gradient_clipping=cfg.optim.grad_clip)
+        plugin = None
+        if engine == "deepspeed":
+            plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_file) if deepspeed_file else DeepSpeedPlugin()
+            # The batch size and clipping live in the recipe alone; the DeepSpeed file leaves them "auto".
+            plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.batch_size,
+                                           gradient_accumulation_steps=cfg.optim.grad_accum,
+                                           gradient_clipping=cfg.optim.grad_clip)
+            zero_stage = plugin.deepspeed_config["zero_optimization"]["stage"]
         # Without a named backend, accelerate on a machine with no GPU takes DeepSpeed's process group for "no
         # backend" and reports num_processes == 1 and process_index 0 on every rank, while torch.distributed
         # has world_size ranks: every rank then reads rank 0's data. Naming it (gloo on CPU) avoids that.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Under DDP the loop's own autocast is the mixed precision; DeepSpeed must know, to keep fp32 masters.
         accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
-                                  mixed_precision="bf16" if precision == "bf16" else "no",
+                                  mixed_precision="bf16" if precision == "bf16" and plugin else "no",
                                   gradient_accumulation_steps=cfg.optim.grad_accum)
         if accelerator.num_processes != world:
             fail(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world}")
@@ -302,11 +349,15 @@ def main(argv=None):
         device = accelerator.device
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    deepspeed_engine = engine == "deepspeed"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    setup = {"engine": engine, "zero_stage": zero_stage, "deepspeed_config": deepspeed_file, "world_size": world,
+             "precision": precision, "device": str(device)}
     if rank == 0:
-        print(f"precision: {precision} (train.precision {cfg.train.precision}; {device.type}, "
-              f"{torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name()})",
-              file=sys.stderr)
+        hardware = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name()
+        stage = f" ZeRO-{zero_stage} ({deepspeed_file or 'the launcher flags'})" if deepspeed_engine else ""
+        print(f"engine: {engine}{stage}, {world} process{'es' if world > 1 else ''}; precision: {precision} "
+              f"(train.precision {cfg.train.precision}; {device.type}, {hardware})", file=sys.stderr)
 
     # ---- model, EMA (fp32), optimiser, schedule ----
     torch.manual_seed(cfg.train.seed)
@@ -318,32 +369,28 @@ def main(argv=None):
     # The fused kernel (CPU and CUDA) is much faster than the per-tensor loop; DeepSpeed keeps its own step path.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
-                                  fused=world == 1)
+                                  fused=not deepspeed_engine)
     # sigmas, noise and encoder dropout all come from this generator, one stream per rank
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     step, epoch, batches_in_epoch, bad_steps = 0, 0, 0, 0
     if resume is not None:
         model.load_state_dict(load_mmdit(resume / "model.safetensors").state_dict())
         ema.load_state_dict(load_mmdit(resume / "ema.safetensors").state_dict())
-        if accelerator is None:
+        if not deepspeed_engine:
             optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-    if accelerator is not None:
+    if deepspeed_engine:
         model, optimizer = accelerator.prepare(model, optimizer)
         if resume is not None:
             model.load_checkpoint(str(resume / "deepspeed"), tag="state", load_module_strict=True)
+    elif accelerator is not None:   # DDP: the model wrapped, the optimizer stays ours (fused, one reduced gradient)
+        model = accelerator.prepare_model(model)
     if resume is not None:
         state = torch.load(resume / f"state_rank{rank}.pt", weights_only=True)
         generator.set_state(state["generator"])
         step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
     raw_model = accelerator.unwrap_model(model) if accelerator else model
-
-    def whole_parameters():
-        """ZeRO-3 shards parameters across ranks: gather them where the EMA or a save reads them whole."""
-        if accelerator is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(raw_model.parameters()))
-        return contextlib.nullcontext()
+    # DeepSpeed's module holds bf16 copies (bf16) or shards (ZeRO-3): the EMA and checkpoints read its fp32 masters
+    read_masters = deepspeed_engine and (precision == "bf16" or zero_stage == 3)
 
     # ---- data ----
     def loader_for(epoch, skip):
@@ -362,9 +409,10 @@ def main(argv=None):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")   # a recipe again
-        (out_dir / "run.json").write_text(json.dumps({"precision": precision, "world_size": world,
-                                                      "device": str(device)}, indent=2) + "\n")
+        recipe = config_to_dict(cfg)   # a recipe again, naming the DeepSpeed file that ran; run.json says how it ran
+        recipe["train"]["deepspeed"] = deepspeed_file or ("" if engine == "ddp" else cfg.train.deepspeed)
+        (out_dir / "config.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        (out_dir / "run.json").write_text(json.dumps(setup, indent=2) + "\n")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stop.update(signal=number))
@@ -378,9 +426,8 @@ def main(argv=None):
     def checkpoint():
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                  "generator": generator.get_state(), "precision": precision}
-        with whole_parameters():
-            return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints,
-                                   accelerator)
+        return save_checkpoint(out_dir, step, model, master_weights(raw_model, read_masters), ema, optimizer, state,
+                               cfg.train.keep_checkpoints, accelerator, deepspeed_engine)
 
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
     started, micro, conditioning = time.perf_counter(), 0, None
@@ -427,7 +474,7 @@ def main(argv=None):
                      f"{out_dir / 'checkpoints'}")
             continue
         bad_steps = 0
-        if accelerator is not None:  # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary
+        if deepspeed_engine:  # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary
             accelerator.backward(loss)
         else:
             (loss / cfg.optim.grad_accum).backward()
@@ -435,7 +482,7 @@ def main(argv=None):
         if micro < cfg.optim.grad_accum:
             continue
         micro = 0
-        if accelerator is not None:
+        if deepspeed_engine:
             optimizer.step()
             optimizer.zero_grad()
             grad_norm = torch.tensor(model.get_global_grad_norm() or 0.0)
@@ -443,8 +490,7 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        with whole_parameters():
-            update_ema(ema, raw_model, cfg.train.ema_decay)
+        update_ema(ema, master_weights(raw_model, read_masters), cfg.train.ema_decay)
         step += 1
         progress.update(1)
 
@@ -465,9 +511,11 @@ def main(argv=None):
                     board.add_scalar(f"train/{name}", record[name], step)
             log.flush()
             started = time.perf_counter()
+        if val_batches and (step % cfg.train.val_every == 0 or step == cfg.train.steps) and (
+                rank == 0 or zero_stage == 3):   # a ZeRO-3 forward gathers parameters from every rank
+            val = {"step": step, "val": validation_loss(raw_model, val_batches, layout, cfg, device)}
         if val_batches and rank == 0 and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
-            val = {"step": step, "val": validation_loss(raw_model, val_batches, layout, cfg, device),
-                   "val_ema": validation_loss(ema, val_batches, layout, cfg, device)}
+            val["val_ema"] = validation_loss(ema, val_batches, layout, cfg, device)   # the EMA is whole on every rank
             progress.write(json.dumps(val))
             log.write(json.dumps(val) + "\n")
             for name in ("val", "val_ema"):

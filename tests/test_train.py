@@ -345,3 +345,24 @@ def test_learning_rate_schedule():
     assert [train_cli.get_lr(s, 1.0, 10) for s in (9, 99, 10**6)] == [1.0, 1.0, 1.0]   # no cool-down: constant
     assert train_cli.get_lr(2, 1.0, 1, 1000, 4) == pytest.approx(0.5)   # shorter than the cool-down: decays all along
     assert train_cli.get_lr(0, 1.0, 1, 10) == 1.0   # a cool-down without a run length leaves the rate alone
+
+
+def test_the_launcher_chooses_the_engine(tmp_path):
+    """What accelerate launch says wins over the recipe's train.deepspeed; relative recipe paths resolve from the
+    repository, not the working directory; a launch that started fewer processes than asked is refused."""
+    choose = train_cli.choose_engine
+    zero3 = str(ROOT / "configs" / "deepspeed" / "zero3.json")
+    launcher = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": zero3}
+    assert choose("configs/deepspeed/zero2.json", 2, launcher) == ("deepspeed", zero3)
+    assert choose("configs/deepspeed/zero2.json", 2, {"ACCELERATE_USE_DEEPSPEED": "true"}) == ("deepspeed", None)
+    assert choose("configs/deepspeed/zero2.json", 2, {}) == ("deepspeed",
+                                                             str(ROOT / "configs" / "deepspeed" / "zero2.json"))
+    assert choose("", 2, {}) == ("ddp", None)
+    assert choose("configs/deepspeed/zero2.json", 1, {}) == ("single", None)
+    with pytest.raises(ValueError, match="no such file"):
+        choose("configs/deepspeed/zero9.json", 2, {})
+    with pytest.raises(ValueError, match="--deepspeed_config_file .* no such file"):
+        choose("", 2, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "x")})
+    one_of_two = {"ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(ValueError, match="asked for several processes but started one"):
+        choose("configs/deepspeed/zero2.json", 1, one_of_two)
