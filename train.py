@@ -364,6 +364,8 @@ def main(argv=None):
     model = (load_mmdit(cfg.model.init_from, dtype=torch.float32) if cfg.model.init_from
              else MMDiT(cfg.model.build_config())).to(device)
     model.activation_checkpointing = cfg.model.activation_checkpointing
+    if cfg.train.compile:   # in place: the module, its parameters and their names stay what checkpoints hold
+        model.compile()
     ema = MMDiT(model.config).to(device).requires_grad_(False)  # fp32 whatever the training precision
     ema.load_state_dict(model.state_dict())
     # The fused kernel (CPU and CUDA) is much faster than the per-tensor loop; DeepSpeed keeps its own step path.

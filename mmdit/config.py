@@ -279,7 +279,8 @@ class TrainSection:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     max_bad_steps: int = 10              # consecutive non-finite losses before the run stops
-    deepspeed: str = "configs/deepspeed/zero2.json"
+    compile: bool = False                # torch.compile the model (nn.Module.compile: weights keep their names)
+    deepspeed: str = "configs/deepspeed/zero2.json"   # when several processes run and the launcher names none; "" = DDP
     sample_model: str | None = None      # text encoders + VAE (a pipeline) for image grids at validation
     sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red circle left of a blue square")
     sample_steps: int = 20

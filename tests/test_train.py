@@ -464,3 +464,16 @@ def test_bf16_ema_reads_the_fp32_masters(tmp_path):
     assert (weights != weights.bfloat16().float()).float().mean() > 0.5      # fp32 masters, not bf16 copies
     for k in ema3:
         torch.testing.assert_close(ema3[k], 0.5 * ema2[k] + 0.5 * model3[k], rtol=0, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(shard_dir, tmp_path):
+    """train.compile=true trains the same model (to compiler rounding) and its checkpoints keep our key names."""
+    common = ("train.steps=4", "train.log_every=1", "train.checkpoint_every=100")
+    train_cli.main(args(shard_dir, tmp_path / "eager", *common))
+    train_cli.main(args(shard_dir, tmp_path / "compiled", *common, "train.compile=true"))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and all(abs(eager[s] - compiled[s]) < 1e-4 for s in eager)
+    a = load_mmdit(tmp_path / "eager" / "export" / "ema.safetensors").state_dict()
+    b = load_mmdit(tmp_path / "compiled" / "export" / "ema.safetensors").state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
