@@ -93,8 +93,11 @@ def choose_engine(recipe_deepspeed: str, world: int, env) -> tuple[str, str | No
     that started fewer processes than it was asked for, or a DeepSpeed file that is not there."""
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+        if path and not Path(path).is_file() and (HERE / path).is_file():   # a repository path, launched elsewhere
+            path = str(HERE / path)
         if path and not Path(path).is_file():
-            raise ValueError(f"accelerate launch --deepspeed_config_file {path}: no such file")
+            raise ValueError(f"accelerate launch --deepspeed_config_file {path}: no such file (relative paths are "
+                             f"read from the working directory, then from the repository)")
         return "deepspeed", path
     if world == 1:
         # accelerate's plain launcher given --num_processes N > 1 without --multi_gpu / --use_deepspeed starts one

@@ -355,6 +355,8 @@ def test_the_launcher_chooses_the_engine(tmp_path):
     launcher = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": zero3}
     assert choose("configs/deepspeed/zero2.json", 2, launcher) == ("deepspeed", zero3)
     assert choose("configs/deepspeed/zero2.json", 2, {"ACCELERATE_USE_DEEPSPEED": "true"}) == ("deepspeed", None)
+    relative = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "configs/deepspeed/zero3.json"}
+    assert choose("", 2, relative) == ("deepspeed", zero3)   # configs/accelerate/multi_node.yaml, launched elsewhere
     assert choose("configs/deepspeed/zero2.json", 2, {}) == ("deepspeed",
                                                              str(ROOT / "configs" / "deepspeed" / "zero2.json"))
     assert choose("", 2, {}) == ("ddp", None)
