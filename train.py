@@ -14,6 +14,7 @@ Several processes (accelerate launch) train with DeepSpeed ZeRO (train.deepspeed
 its own shards, gradients are reduced by the engine, and checkpoints hold every rank's optimizer shard and state.
 """
 
+import contextlib
 import importlib
 import json
 import os
@@ -51,16 +52,17 @@ def update_ema(ema, weights: dict, decay: float):
         torch._foreach_lerp_([e for e, _ in pairs], targets, 1 - decay)  # one fused pass instead of one per tensor
 
 
-def master_weights(raw_model, from_deepspeed: bool) -> dict:
-    """The model's state dict with the optimizer's fp32 master copy of every parameter, where the module holds only
-    bf16 copies or a ZeRO-3 shard (DeepSpeed: collective, every rank must call it); else the module's own tensors."""
-    state = raw_model.state_dict()
-    if from_deepspeed:
-        from deepspeed.utils import safe_get_full_fp32_param
+def master_weights(raw_model, fixed: dict | None) -> dict:
+    """The weights to average and save: the module's own state dict; or, where DeepSpeed's module holds only bf16
+    copies or ZeRO-3 shards (fixed is not None), the optimizer's fp32 master of every trained parameter (collective:
+    every rank must call it) with `fixed`, the frozen parameters and buffers as they were before DeepSpeed cast or
+    split them (they never change)."""
+    if fixed is None:
+        return raw_model.state_dict()
+    from deepspeed.utils import safe_get_full_fp32_param
 
-        for name, parameter in raw_model.named_parameters():
-            state[name] = safe_get_full_fp32_param(parameter)
-    return state
+    trained = {name: safe_get_full_fp32_param(p) for name, p in raw_model.named_parameters() if p.requires_grad}
+    return {**fixed, **trained}
 
 
 def parse_args(argv=None):
@@ -197,7 +199,7 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
         save_mmdit(ema, tmp / "ema.safetensors", "native")
     if deepspeed_engine:
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective: each rank its optimizer shard
-    else:
+    elif rank == 0:   # one process, or DDP: every rank holds the same optimizer state
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(state, tmp / f"state_rank{rank}.pt")
     barrier()
@@ -214,6 +216,21 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
             shutil.rmtree(old)
     barrier()
     return folder
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """transformers' from_pretrained builds a model under deepspeed.zero.Init, a collective, whenever accelerate has
+    registered a ZeRO-3 config; rank 0 alone loads the sample grid's encoders, so they are built outside it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref   # transformers offers set / unset, not a getter
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered is not None and registered() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(registered())
 
 
 def sample_grid(ema, conditioning, cfg, side: int):
@@ -290,7 +307,7 @@ class TrainState:
     ema: object                 # fp32, whole on every rank
     optimizer: object
     generator: object           # sigmas, noise and encoder dropout: one stream per rank
-    read_masters: bool          # the EMA and checkpoints read DeepSpeed's fp32 masters (bf16 copies / ZeRO-3 shards)
+    fixed: dict | None          # set when the EMA and checkpoints read DeepSpeed's fp32 masters (see master_weights)
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
@@ -375,11 +392,14 @@ def set_up_processes(cfg, resume) -> Processes:
     # has world_size ranks: every rank then reads rank 0's data. Naming it (gloo on CPU) avoids that.
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # Under DDP the loop's own autocast is the mixed precision; DeepSpeed must know, to keep fp32 masters.
+    # Without GPUs accelerate runs DDP only when told it is on the CPU (else it reports no distribution at all).
     accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
                               mixed_precision="bf16" if precision == "bf16" and plugin else "no",
-                              gradient_accumulation_steps=cfg.optim.grad_accum)
-    if accelerator.num_processes != world:
-        fail(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world}")
+                              gradient_accumulation_steps=cfg.optim.grad_accum,
+                              cpu=engine == "ddp" and not torch.cuda.is_available())
+    if accelerator.num_processes != world or accelerator.distributed_type.value == "NO":
+        fail(f"accelerate sees {accelerator.num_processes} processes ({accelerator.distributed_type.value}) but "
+             f"WORLD_SIZE is {world}")
     return Processes(engine, accelerator.process_index, world, accelerator.device, precision, accelerator,
                      zero_stage, deepspeed_file)
 
@@ -410,14 +430,17 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
         if not procs.deepspeed:
             optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
     raw_model, accelerator = model, procs.accelerator
+    fixed = None
+    if procs.deepspeed and (procs.precision == "bf16" or procs.zero_stage == 3):   # before DeepSpeed casts or splits
+        fixed = {name: t.detach().clone() for name, t in model.state_dict().items()
+                 if name not in {n for n, p in model.named_parameters() if p.requires_grad}}
     if procs.deepspeed:
         model, optimizer = accelerator.prepare(model, optimizer)
         if resume is not None:
             model.load_checkpoint(str(resume / "deepspeed"), tag="state", load_module_strict=True)
     elif accelerator is not None:   # DDP: the model wrapped, the optimizer stays ours (fused, one reduced gradient)
         model = accelerator.prepare_model(model)
-    state = TrainState(model, raw_model, ema, optimizer, generator,
-                       read_masters=procs.deepspeed and (procs.precision == "bf16" or procs.zero_stage == 3))
+    state = TrainState(model, raw_model, ema, optimizer, generator, fixed)
     if resume is not None:
         saved = torch.load(resume / f"state_rank{procs.rank}.pt", weights_only=True)
         generator.set_state(saved["generator"])
@@ -430,7 +453,7 @@ def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
     saved = {"step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
              "generator": state.generator.get_state(), "precision": procs.precision}
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
-                           master_weights(state.raw_model, state.read_masters), state.ema, state.optimizer, saved,
+                           master_weights(state.raw_model, state.fixed), state.ema, state.optimizer, saved,
                            cfg.train.keep_checkpoints, procs.accelerator, procs.deepspeed)
 
 
@@ -574,7 +597,7 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, master_weights(raw_model, state.read_masters), cfg.train.ema_decay)
+        update_ema(ema, master_weights(raw_model, state.fixed), cfg.train.ema_decay)
         state.step += 1
         step = state.step
         progress.update(1)
@@ -611,8 +634,9 @@ def main(argv=None):
             if conditioning is None:
                 from mmdit.loading import load_conditioning
 
-                text, vae = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
-                                              t5_tokens=layout.t5_tokens)
+                with outside_zero3_init():
+                    text, vae = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
+                                                  t5_tokens=layout.t5_tokens)
                 conditioning = text.to(device), vae.to(device)
             grid = sample_grid(ema, conditioning, cfg, side=x0.shape[-1] * conditioning[1].downsample)
             board.add_image("samples/ema", grid, step, dataformats="HWC")

@@ -417,6 +417,7 @@ def test_two_processes_resume_bit_exact_with_validation_and_samples(tiny_pipelin
         zero3 = tmp_path / "zero3_split.json"
         zero3.write_text(json.dumps(split))
     launcher = ["--multi_gpu"] if engine == "ddp" else ["--use_deepspeed", "--deepspeed_config_file", str(zero3)]
+    ddp = ['train.deepspeed=""'] if engine == "ddp" else []   # the launcher names no DeepSpeed, nor does the recipe
 
     def run(out, steps, *extra):
         return launch_two(launcher, [
@@ -424,7 +425,7 @@ def test_two_processes_resume_bit_exact_with_validation_and_samples(tiny_pipelin
             f"data.val_shards={tmp_path / 'val'}", f"model.init_from={tiny_pipeline}",
             f"train.sample_model={tiny_pipeline}", "train.sample_steps=2", "train.val_every=3",
             f"train.out_dir={out}", f"train.steps={steps}", "train.log_every=1", "data.batch_size=2",
-            "train.checkpoint_every=100", "data.caption_variant_probs=[1]", *extra])
+            "train.checkpoint_every=100", "data.caption_variant_probs=[1]", *ddp, *extra])
 
     def records(out, name):
         return {r["step"]: r["loss"] for r in map(json.loads, (out / name).read_text().splitlines()) if "loss" in r}
@@ -435,6 +436,9 @@ def test_two_processes_resume_bit_exact_with_validation_and_samples(tiny_pipelin
     for name in ("log.jsonl", "log_rank1.jsonl"):
         assert records(tmp_path / "one", name) == records(tmp_path / "two", name)
         assert len(records(tmp_path / "one", name)) == 6
+    norms = [{r["step"]: r["grad_norm"] for r in map(json.loads, (tmp_path / "one" / name).read_text().splitlines())
+              if "loss" in r} for name in ("log.jsonl", "log_rank1.jsonl")]
+    assert norms[0] == norms[1]   # one gradient, reduced over both ranks
     for weights in ("model", "ema"):
         a, b = (load_mmdit(d / "checkpoints" / "step_00000006" / f"{weights}.safetensors").state_dict()
                 for d in (tmp_path / "one", tmp_path / "two"))
