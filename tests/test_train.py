@@ -483,3 +483,20 @@ def test_compiled_training_matches_eager(shard_dir, tmp_path):
     a = load_mmdit(tmp_path / "eager" / "export" / "ema.safetensors").state_dict()
     b = load_mmdit(tmp_path / "compiled" / "export" / "ema.safetensors").state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_a_launch_that_starts_one_of_two_processes_is_refused(shard_dir, tmp_path):
+    """`accelerate launch --num_processes 2 train.py` without --multi_gpu / --use_deepspeed starts one process on a
+    machine without GPUs; it used to train alone, silently."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"),
+           *args(shard_dir, tmp_path / "run", "train.steps=2")]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "MASTER_ADDR", "RANK")},
+           "CUDA_VISIBLE_DEVICES": ""}   # with two GPUs accelerate would start both
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert result.returncode != 0 and "asked for several processes but started one" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
