@@ -10,8 +10,10 @@ EMA (fp32). Checkpoints hold model, EMA, optimiser, schedule, step, the training
 written to a temporary folder then renamed; resuming continues bit for bit. A non-finite loss skips the step;
 max_bad_steps in a row stop the run. SIGTERM / SIGINT save a checkpoint and exit.
 
-Several processes (accelerate launch) train with DeepSpeed ZeRO (train.deepspeed, ZeRO-2 by default): each rank reads
-its own shards, gradients are reduced by the engine, and checkpoints hold every rank's optimizer shard and state.
+Several processes (accelerate launch) train with the DeepSpeed file the launcher names, else train.deepspeed (ZeRO-2
+by default), or DDP when that is "": each rank reads its own shards, gradients are reduced, and checkpoints hold
+every rank's optimizer shard (DeepSpeed) and data position. The phases: check_recipe (every error before compute),
+set_up_processes, build_state, the loop in main, export.
 """
 
 import contextlib
