@@ -102,7 +102,7 @@ def choose_engine(recipe_deepspeed: str, world: int, env) -> tuple[str, str | No
         if path and not Path(path).is_file():
             raise ValueError(f"accelerate launch --deepspeed_config_file {path}: no such file (relative paths are "
                              f"read from the working directory, then from the repository)")
-        return "deepspeed", path
+        return "deepspeed", str(Path(path).resolve()) if path else None
     if world == 1:
         # accelerate's plain launcher given --num_processes N > 1 without --multi_gpu / --use_deepspeed starts one
         # process (and sets MASTER_ADDR for the others it never starts): training alone would be silently wrong
