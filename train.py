@@ -10,8 +10,10 @@ EMA (fp32). Checkpoints hold model, EMA, optimiser, schedule, step, the training
 written to a temporary folder then renamed; resuming continues bit for bit. A non-finite loss skips the step;
 max_bad_steps in a row stop the run. SIGTERM / SIGINT save a checkpoint and exit.
 
-Several processes (accelerate launch) train with DeepSpeed ZeRO (train.deepspeed, ZeRO-2 by default): each rank reads
-its own shards, gradients are reduced by the engine, and checkpoints hold every rank's optimizer shard and state.
+Several processes (accelerate launch) train with the DeepSpeed file the launcher names, else train.deepspeed (ZeRO-2
+by default), or DDP when that is "": each rank reads its own shards, gradients are reduced, and checkpoints hold
+every rank's optimizer shard (DeepSpeed) and data position. The phases: check_recipe (every error before compute),
+set_up_processes, build_state, the loop in main, export.
 """
 
 import contextlib
@@ -22,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmdit.cli import Parser
@@ -41,15 +44,27 @@ def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0
     return lr
 
 
-def update_ema(ema, model, decay: float):
-    """ema <- decay * ema + (1 - decay) * model, in fp32, over parameters and buffers alike."""
+def update_ema(ema, weights: dict, decay: float):
+    """ema <- decay * ema + (1 - decay) * weights (a state dict: master_weights), in fp32, parameters and buffers."""
     import torch
 
     with torch.no_grad():
-        pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())
-                 if e.dtype.is_floating_point]
+        pairs = [(e, weights[k]) for k, e in ema.state_dict().items() if e.dtype.is_floating_point]
         targets = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in pairs]
         torch._foreach_lerp_([e for e, _ in pairs], targets, 1 - decay)  # one fused pass instead of one per tensor
+
+
+def master_weights(raw_model, fixed: dict | None) -> dict:
+    """The weights to average and save: the module's own state dict; or, where DeepSpeed's module holds only bf16
+    copies or ZeRO-3 shards (fixed is not None), the optimizer's fp32 master of every trained parameter (collective:
+    every rank must call it) with `fixed`, the frozen parameters and buffers as they were before DeepSpeed cast or
+    split them (they never change)."""
+    if fixed is None:
+        return raw_model.state_dict()
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    trained = {name: safe_get_full_fp32_param(p) for name, p in raw_model.named_parameters() if p.requires_grad}
+    return {**fixed, **trained}
 
 
 def parse_args(argv=None):
@@ -72,6 +87,36 @@ def end_together(accelerator):
 
         accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
+
+
+def choose_engine(recipe_deepspeed: str, world: int, env) -> tuple[str, str | None]:
+    """How this launch trains: ("deepspeed", its config file, or None for the launcher's --zero_stage flags),
+    ("ddp", None) or ("single", None). What `accelerate launch` says wins: its --use_deepspeed (with or without
+    --deepspeed_config_file, or from `accelerate config`); else several processes take the recipe's
+    train.deepspeed (relative paths from the repository), or DDP when that is empty. Raises ValueError for a launch
+    that started fewer processes than it was asked for, or a DeepSpeed file that is not there."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
+        if path and not Path(path).is_file() and (HERE / path).is_file():   # a repository path, launched elsewhere
+            path = str(HERE / path)
+        if path and not Path(path).is_file():
+            raise ValueError(f"accelerate launch --deepspeed_config_file {path}: no such file (relative paths are "
+                             f"read from the working directory, then from the repository)")
+        return "deepspeed", str(Path(path).resolve()) if path else None
+    if world == 1:
+        # accelerate's plain launcher given --num_processes N > 1 without --multi_gpu / --use_deepspeed starts one
+        # process (and sets MASTER_ADDR for the others it never starts): training alone would be silently wrong
+        if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+            raise ValueError("accelerate launch was asked for several processes but started one: add --multi_gpu "
+                             "(DDP) or --use_deepspeed (on a machine without GPUs also --cpu), or launch one process")
+        return "single", None
+    if not recipe_deepspeed:
+        return "ddp", None
+    path = Path(recipe_deepspeed) if Path(recipe_deepspeed).is_absolute() else HERE / recipe_deepspeed
+    if not path.is_file():
+        raise ValueError(f"train.deepspeed {recipe_deepspeed}: no such file ({path}; relative paths are read from the "
+                         f"repository; \"\" trains with DDP)")
+    return "deepspeed", str(path)
 
 
 def preparation_step(module: str):
@@ -99,12 +144,43 @@ def export_pipeline(transformer: Path, base: Path, target: Path):
     os.replace(tmp, target)
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a missing or truncated file), or None. Reads headers and
+    zip directories only: a file cut short loses its end, which both formats need."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if not folder.is_dir():
+        return "no such folder"
+    states = sorted(folder.glob("state_rank*.pt"))
+    engine = [folder / "deepspeed"] if (folder / "deepspeed").is_dir() else [folder / "optimizer.pt"]
+    for path in [folder / "model.safetensors", folder / "ema.safetensors", *engine, *(states or [folder / "state_rank0.pt"])]:
+        if not path.exists():
+            return f"{path.name} is missing"
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            elif path.suffix == ".pt":
+                zipfile.ZipFile(path).close()
+        except (SafetensorError, zipfile.BadZipFile, OSError) as e:
+            return f"{path.name} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+    """The newest checkpoint that can be resumed from; newer incomplete or corrupt ones are named and passed over."""
+    for folder in sorted((out_dir / "checkpoints").glob("step_*"), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        print(f"warning: skipping checkpoint {folder}: {problem}", file=sys.stderr)
+    return None
 
 
-def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict, keep: int, accelerator=None) -> Path:
+def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimizer, state: dict, keep: int,
+                    accelerator=None, deepspeed_engine: bool = False) -> Path:
     """Everything a bit-exact resume needs, written into a temporary folder that is renamed into place; the oldest
     beyond `keep` are removed. Under DeepSpeed every rank writes its optimizer shard and its own RNG / data state."""
     import torch
@@ -121,20 +197,42 @@ def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, state: dict
     barrier()
     raw = accelerator.unwrap_model(model) if accelerator else model
     if rank == 0:
-        save_mmdit(raw, tmp / "model.safetensors", "native")
+        save_mmdit(raw, tmp / "model.safetensors", "native", state=weights)
         save_mmdit(ema, tmp / "ema.safetensors", "native")
-    if accelerator:
+    if deepspeed_engine:
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective: each rank its optimizer shard
-    else:
+    elif rank == 0:   # one process, or DDP: every rank holds the same optimizer state
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(state, tmp / f"state_rank{rank}.pt")
     barrier()
     if rank == 0:
-        os.replace(tmp, folder)
+        if folder.exists():   # this step saved before (a corrupt checkpoint passed over on resume): replace it
+            stale = folder.with_name(f".{folder.name}.stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(folder, stale)
+            os.replace(tmp, folder)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, folder)
         for old in sorted((out_dir / "checkpoints").glob("step_*"))[:-keep]:
             shutil.rmtree(old)
     barrier()
     return folder
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """transformers' from_pretrained builds a model under deepspeed.zero.Init, a collective, whenever accelerate has
+    registered a ZeRO-3 config; rank 0 alone loads the sample grid's encoders, so they are built outside it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref   # transformers offers set / unset, not a getter
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered is not None and registered() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(registered())
 
 
 def sample_grid(ema, conditioning, cfg, side: int):
@@ -182,14 +280,47 @@ def _validation_loss(model, batches, layout, cfg, device) -> dict:
     return {"mean": sum(per_sigma) / n, "per_sigma": dict(zip([round(s, 4) for s in sigmas], per_sigma))}
 
 
-def main(argv=None):
-    run_started = time.perf_counter()
-    args = parse_args(argv)
+@dataclass
+class Processes:
+    """How this launch trains (set_up_processes): every phase after it reads these."""
+    engine: str                 # single | ddp | deepspeed
+    rank: int
+    world: int
+    device: object
+    precision: str              # fp32 | bf16
+    accelerator: object = None  # accelerate's Accelerator for ddp and deepspeed
+    zero_stage: int | None = None
+    deepspeed_file: str | None = None
 
-    from mmdit.config import TextLayout, config_to_dict, load_config
-    from mmdit.shards import ShardDataset, shard_list
+    @property
+    def deepspeed(self) -> bool:
+        return self.engine == "deepspeed"
 
-    # ---- configuration: every error here, before any compute ----
+    def record(self) -> dict:
+        return {"engine": self.engine, "zero_stage": self.zero_stage, "deepspeed_config": self.deepspeed_file,
+                "world_size": self.world, "precision": self.precision, "device": str(self.device)}
+
+
+@dataclass
+class TrainState:
+    """Everything a step changes and a checkpoint holds (build_state)."""
+    model: object               # what the step calls: the module, or DDP's / DeepSpeed's wrapper of it
+    raw_model: object           # the MMDiT itself
+    ema: object                 # fp32, whole on every rank
+    optimizer: object
+    generator: object           # sigmas, noise and encoder dropout: one stream per rank
+    fixed: dict | None          # set when the EMA and checkpoints read DeepSpeed's fp32 masters (see master_weights)
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def check_recipe(args):
+    """The recipe, its shards (made first when data.prepare says how) and the checkpoint to resume from: every
+    error here, as one line, before any compute."""
+    from mmdit.config import load_config
+    from mmdit.shards import shard_list
+
     try:
         cfg = load_config(args.config, args.overrides)
         prepare = preparation_step(cfg.data.prepare) if cfg.data.prepare else None
@@ -205,120 +336,198 @@ def main(argv=None):
         if not cfg.data.shards:
             raise ValueError("data.shards is empty: give a shard folder (with manifest.json), e.g. "
                              "data.shards=shards/train")
-        shard_list(cfg.data.shards)
-        if cfg.data.val_shards:
-            shard_list(cfg.data.val_shards)
+        for source in (cfg.data.shards, cfg.data.val_shards):
+            listed = shard_list(source) if source else []
+            absent = [p for p in listed if not Path(p).is_file()]
+            if absent:   # an epoch of nothing would repeat forever
+                raise ValueError(f"{len(absent)} of the {len(listed)} shards that {source} names are missing: "
+                                 f"{', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
     except ValueError as e:
         fail(str(e))
     out_dir = Path(cfg.train.out_dir)
-    resume = None
-    if args.resume:
-        resume = latest_checkpoint(out_dir) if args.resume == "latest" else Path(args.resume)
-        if resume is None or not (resume / "state_rank0.pt").is_file():
-            fail(f"no checkpoint to resume from at {args.resume if args.resume != 'latest' else out_dir}")
+    if args.resume == "latest":
+        resume = latest_checkpoint(out_dir)
+        if resume is None:
+            fail(f"--resume latest: no complete checkpoint in {out_dir / 'checkpoints'}")
+    elif args.resume:
+        resume = Path(args.resume)
+        problem = checkpoint_problem(resume)
+        if problem:
+            fail(f"--resume {resume}: cannot resume from it: {problem}")
+    else:
+        resume = None
+    return cfg, resume
 
+
+def set_up_processes(cfg, resume) -> Processes:
+    """One process, or several under accelerate launch: DeepSpeed ZeRO or DDP (choose_engine), and the precision."""
     import torch
 
-    from mmdit import flow
-    from mmdit.checkpoint import load_mmdit
-    from mmdit.model import MMDiT, train_step_flops
-    from mmdit.text import assemble, sample_keep
-
-    # ---- processes: one, or several under accelerate launch with DeepSpeed ZeRO ----
     from mmdit.precision import bf16_speedup, choose_precision
 
-    accelerator, rank, world = None, 0, int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        engine, deepspeed_file = choose_engine(cfg.train.deepspeed, world, os.environ)
+    except ValueError as e:
+        fail(str(e))
     # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
     # a resumed run keeps the precision its checkpoint recorded, so the rest of the run computes as the start did
     recorded = torch.load(resume / "state_rank0.pt", weights_only=True).get("precision") if resume else None
     precision = recorded if cfg.train.precision == "auto" and recorded else choose_precision(
         cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu",
         speedup=(lambda device: 0.0) if world > 1 else bf16_speedup)
-    if world > 1:
-        from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    if engine == "single":
+        return Processes(engine, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), precision)
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-        plugin = DeepSpeedPlugin(hf_ds_config=cfg.train.deepspeed)
+    plugin = zero_stage = None
+    if engine == "deepspeed":
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_file) if deepspeed_file else DeepSpeedPlugin()
         # The batch size and clipping live in the recipe alone; the DeepSpeed file leaves them "auto".
         plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.batch_size,
                                        gradient_accumulation_steps=cfg.optim.grad_accum,
                                        gradient_clipping=cfg.optim.grad_clip)
-        # Without a named backend, accelerate on a machine with no GPU takes DeepSpeed's process group for "no
-        # backend" and reports num_processes == 1 and process_index 0 on every rank, while torch.distributed
-        # has world_size ranks: every rank then reads rank 0's data. Naming it (gloo on CPU) avoids that.
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
-                                  mixed_precision="bf16" if precision == "bf16" else "no",
-                                  gradient_accumulation_steps=cfg.optim.grad_accum)
-        if accelerator.num_processes != world:
-            fail(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE is {world}")
-        rank = accelerator.process_index
-        device = accelerator.device
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    if rank == 0:
-        print(f"precision: {precision} (train.precision {cfg.train.precision}; {device.type}, "
-              f"{torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name()})",
-              file=sys.stderr)
+        zero_stage = plugin.deepspeed_config["zero_optimization"]["stage"]
+    # Without a named backend, accelerate on a machine with no GPU takes DeepSpeed's process group for "no
+    # backend" and reports num_processes == 1 and process_index 0 on every rank, while torch.distributed
+    # has world_size ranks: every rank then reads rank 0's data. Naming it (gloo on CPU) avoids that.
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # Under DDP the loop's own autocast is the mixed precision; DeepSpeed must know, to keep fp32 masters.
+    # Without GPUs accelerate runs DDP only when told it is on the CPU (else it reports no distribution at all).
+    accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend=backend)],
+                              mixed_precision="bf16" if precision == "bf16" and plugin else "no",
+                              gradient_accumulation_steps=cfg.optim.grad_accum,
+                              cpu=engine == "ddp" and not torch.cuda.is_available())
+    if accelerator.num_processes != world or accelerator.distributed_type.value == "NO":
+        fail(f"accelerate sees {accelerator.num_processes} processes ({accelerator.distributed_type.value}) but "
+             f"WORLD_SIZE is {world}")
+    return Processes(engine, accelerator.process_index, world, accelerator.device, precision, accelerator,
+                     zero_stage, deepspeed_file)
 
-    # ---- model, EMA (fp32), optimiser, schedule ----
+
+def build_state(cfg, procs: Processes, resume) -> TrainState:
+    """The model (fresh or model.init_from), its fp32 EMA, AdamW and the training RNG, restored from `resume`."""
+    import torch
+
+    from mmdit.checkpoint import load_mmdit
+    from mmdit.model import MMDiT
+
     torch.manual_seed(cfg.train.seed)
     model = (load_mmdit(cfg.model.init_from, dtype=torch.float32) if cfg.model.init_from
-             else MMDiT(cfg.model.build_config())).to(device)
+             else MMDiT(cfg.model.build_config())).to(procs.device)
     model.activation_checkpointing = cfg.model.activation_checkpointing
-    ema = MMDiT(model.config).to(device).requires_grad_(False)  # fp32 whatever the training precision
+    if cfg.train.compile:   # in place: the module, its parameters and their names stay what checkpoints hold
+        model.compile()
+    ema = MMDiT(model.config).to(procs.device).requires_grad_(False)  # fp32 whatever the training precision
     ema.load_state_dict(model.state_dict())
     # The fused kernel (CPU and CUDA) is much faster than the per-tensor loop; DeepSpeed keeps its own step path.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
-                                  fused=world == 1)
-    # sigmas, noise and encoder dropout all come from this generator, one stream per rank
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
-    step, epoch, batches_in_epoch, bad_steps = 0, 0, 0, 0
+                                  fused=not procs.deepspeed)
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + procs.rank)
     if resume is not None:
         model.load_state_dict(load_mmdit(resume / "model.safetensors").state_dict())
         ema.load_state_dict(load_mmdit(resume / "ema.safetensors").state_dict())
-        if accelerator is None:
+        if not procs.deepspeed:
             optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-    if accelerator is not None:
+    raw_model, accelerator = model, procs.accelerator
+    fixed = None
+    if procs.deepspeed and (procs.precision == "bf16" or procs.zero_stage == 3):   # before DeepSpeed casts or splits
+        fixed = {name: t.detach().clone() for name, t in model.state_dict().items()
+                 if name not in {n for n, p in model.named_parameters() if p.requires_grad}}
+    if procs.deepspeed:
         model, optimizer = accelerator.prepare(model, optimizer)
         if resume is not None:
             model.load_checkpoint(str(resume / "deepspeed"), tag="state", load_module_strict=True)
+    elif accelerator is not None:   # DDP: the model wrapped, the optimizer stays ours (fused, one reduced gradient)
+        model = accelerator.prepare_model(model)
+    state = TrainState(model, raw_model, ema, optimizer, generator, fixed)
     if resume is not None:
-        state = torch.load(resume / f"state_rank{rank}.pt", weights_only=True)
-        generator.set_state(state["generator"])
-        step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-    raw_model = accelerator.unwrap_model(model) if accelerator else model
+        saved = torch.load(resume / f"state_rank{procs.rank}.pt", weights_only=True)
+        generator.set_state(saved["generator"])
+        state.step, state.epoch, state.batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+    return state
 
-    def whole_parameters():
-        """ZeRO-3 shards parameters across ranks: gather them where the EMA or a save reads them whole."""
-        if accelerator is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
-            import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(raw_model.parameters()))
-        return contextlib.nullcontext()
+def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
+    """A checkpoint of the state (collective: every rank calls it at the same step)."""
+    saved = {"step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+             "generator": state.generator.get_state(), "precision": procs.precision}
+    return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
+                           master_weights(state.raw_model, state.fixed), state.ema, state.optimizer, saved,
+                           cfg.train.keep_checkpoints, procs.accelerator, procs.deepspeed)
 
-    # ---- data ----
-    def loader_for(epoch, skip):
-        dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, rank=rank,
-                               world_size=world, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-                               variant_probs=list(cfg.data.caption_variant_probs), skip_batches=skip)
-        return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
 
-    batches = loader_for(epoch, batches_in_epoch)
+def epoch_batches(cfg, procs: Processes, epoch: int, skip: int):
+    """This rank's batches of one epoch, the first `skip` (already trained on) left out."""
+    import torch
+
+    from mmdit.shards import ShardDataset
+
+    dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, rank=procs.rank,
+                           world_size=procs.world, shuffle_buffer=cfg.data.shuffle_buffer,
+                           resampled=cfg.data.resampled, variant_probs=list(cfg.data.caption_variant_probs),
+                           skip_batches=skip)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
+
+
+def export(cfg, state: TrainState, run_started: float):
+    """The EMA weights in every format save_mmdit writes, and a whole pipeline when train.sample_model is one."""
+    from mmdit.checkpoint import save_mmdit
+
+    ema, out = state.ema, Path(cfg.train.out_dir) / "export"
+    save_mmdit(ema, out / "ema.safetensors", "native")
+    save_mmdit(ema, out / "ema_sai.safetensors", "sai")
+    if ema.config.frequency_dim == 256 and ema.config.mlp_ratio == 4.0:
+        save_mmdit(ema, out / "transformer", "diffusers")
+        base = Path(cfg.train.sample_model or "")
+        if cfg.train.sample_model and (base / "model_index.json").is_file():   # a whole model for sample.py
+            export_pipeline(out / "transformer", base, out / "pipeline")
+    print(f"exported the EMA weights to {out} ({time.perf_counter() - run_started:.0f} s since start)",
+          file=sys.stderr)
+
+
+def main(argv=None):
+    run_started = time.perf_counter()
+    args = parse_args(argv)
+    cfg, resume = check_recipe(args)
+
+    import torch
+
+    from mmdit import flow
+    from mmdit.config import TextLayout, config_to_dict
+    from mmdit.model import train_step_flops
+    from mmdit.shards import ShardDataset
+    from mmdit.text import assemble, sample_keep
+
+    procs = set_up_processes(cfg, resume)
+    rank, device, accelerator = procs.rank, procs.device, procs.accelerator
+    if rank == 0:
+        hardware = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name()
+        stage = f" ZeRO-{procs.zero_stage} ({procs.deepspeed_file or 'the launcher flags'})" if procs.deepspeed else ""
+        print(f"engine: {procs.engine}{stage}, {procs.world} process{'es' if procs.world > 1 else ''}; precision: "
+              f"{procs.precision} (train.precision {cfg.train.precision}; {device.type}, {hardware})", file=sys.stderr)
+    state = build_state(cfg, procs, resume)
+    model, raw_model, ema, optimizer, generator = (state.model, state.raw_model, state.ema, state.optimizer,
+                                                   state.generator)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=procs.precision == "bf16")
+
+    batches = epoch_batches(cfg, procs, state.epoch, state.batches_in_epoch)
     val_batches = []
     if cfg.data.val_shards:
         val_set = ShardDataset(cfg.data.val_shards, cfg.data.batch_size, seed=0, shuffle_buffer=1)
         val_batches = [b for _, b in zip(range(4), val_set)]
-    layout = None
+    layout, conditioning = None, None
     drop = {"clip_l": cfg.text.drop_clip_l, "clip_g": cfg.text.drop_clip_g, "t5": cfg.text.drop_t5}
 
+    out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")   # a recipe again
-        (out_dir / "run.json").write_text(json.dumps({"precision": precision, "world_size": world,
-                                                      "device": str(device)}, indent=2) + "\n")
+        recipe = config_to_dict(cfg)   # a recipe again, naming the DeepSpeed file that ran; run.json says how it ran
+        recipe["train"]["deepspeed"] = procs.deepspeed_file or ("" if procs.engine == "ddp" else cfg.train.deepspeed)
+        (out_dir / "config.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        (out_dir / "run.json").write_text(json.dumps(procs.record(), indent=2) + "\n")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stop.update(signal=number))
@@ -327,25 +536,23 @@ def main(argv=None):
     from tqdm import tqdm
 
     board = SummaryWriter(out_dir / "tensorboard") if rank == 0 else None
-    progress = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=rank != 0 or None)
-
-    def checkpoint():
-        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                 "generator": generator.get_state(), "precision": precision}
-        with whole_parameters():
-            return save_checkpoint(out_dir, step, model, ema, optimizer, state, cfg.train.keep_checkpoints,
-                                   accelerator)
+    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=rank != 0 or None)
 
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
-    started, micro, conditioning = time.perf_counter(), 0, None
-    while step < cfg.train.steps:
+    started, micro, bad_steps = time.perf_counter(), 0, 0
+    while state.step < cfg.train.steps:
         try:
             batch = next(batches)
         except StopIteration:  # end of an epoch: the next one is shuffled anew
-            epoch, batches_in_epoch = epoch + 1, 0
-            batches = loader_for(epoch, 0)
+            if state.batches_in_epoch == 0:   # (a resume counts the batches it skipped) an empty epoch repeats forever
+                fail(f"epoch {state.epoch} gave rank {rank} no batch: data.batch_size {cfg.data.batch_size} is more "
+                     f"than its share of the samples in {cfg.data.shards}, or none could be read")
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            batches = epoch_batches(cfg, procs, state.epoch, 0)
             continue
-        batches_in_epoch += 1
+        except ValueError as e:   # a stream that can yield nothing (mmdit.shards); a loader worker's comes wrapped
+            fail(f"data: {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}")
+        state.batches_in_epoch += 1
         x0 = batch["latent"].float().to(device)
         B = x0.shape[0]
         if layout is None:
@@ -363,20 +570,20 @@ def main(argv=None):
                                    keep=keep, device=device)
 
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.cooldown_steps,
+            group["lr"] = get_lr(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.cooldown_steps,
                                  cfg.train.steps)
         with autocast:
             pred = model(flow.interpolate(x0, noise, sigma), sigma, context, pooled)
         loss = flow.flow_loss(pred, x0, noise, sigma, cfg.flow.loss_weighting)
         if not torch.isfinite(loss):
             bad_steps += 1
-            print(f"step {step}: non-finite loss, step skipped ({bad_steps} in a row)", file=sys.stderr)
+            print(f"step {state.step}: non-finite loss, step skipped ({bad_steps} in a row)", file=sys.stderr)
             if bad_steps >= cfg.train.max_bad_steps:
                 fail(f"{bad_steps} non-finite losses in a row; the last good checkpoint is kept in "
                      f"{out_dir / 'checkpoints'}")
             continue
         bad_steps = 0
-        if accelerator is not None:  # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary
+        if procs.deepspeed:  # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary
             accelerator.backward(loss)
         else:
             (loss / cfg.optim.grad_accum).backward()
@@ -384,7 +591,7 @@ def main(argv=None):
         if micro < cfg.optim.grad_accum:
             continue
         micro = 0
-        if accelerator is not None:
+        if procs.deepspeed:
             optimizer.step()
             optimizer.zero_grad()
             grad_norm = torch.tensor(model.get_global_grad_norm() or 0.0)
@@ -392,9 +599,9 @@ def main(argv=None):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        with whole_parameters():
-            update_ema(ema, raw_model, cfg.train.ema_decay)
-        step += 1
+        update_ema(ema, master_weights(raw_model, state.fixed), cfg.train.ema_decay)
+        state.step += 1
+        step = state.step
         progress.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -414,21 +621,24 @@ def main(argv=None):
                     board.add_scalar(f"train/{name}", record[name], step)
             log.flush()
             started = time.perf_counter()
-        if val_batches and rank == 0 and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
-            val = {"step": step, "val": validation_loss(raw_model, val_batches, layout, cfg, device),
-                   "val_ema": validation_loss(ema, val_batches, layout, cfg, device)}
-            progress.write(json.dumps(val))
-            log.write(json.dumps(val) + "\n")
-            for name in ("val", "val_ema"):
-                board.add_scalar(f"{name}/mean", val[name]["mean"], step)
-                for sigma, value in val[name]["per_sigma"].items():
-                    board.add_scalar(f"{name}/sigma_{sigma}", value, step)
-        if cfg.train.sample_model and rank == 0 and (step % cfg.train.val_every == 0 or step == cfg.train.steps):
+        evaluate_now = step % cfg.train.val_every == 0 or step == cfg.train.steps
+        if val_batches and evaluate_now and (rank == 0 or procs.zero_stage == 3):   # ZeRO-3 gathers from every rank
+            val = {"step": step, "val": validation_loss(raw_model, val_batches, layout, cfg, device)}
+            if rank == 0:
+                val["val_ema"] = validation_loss(ema, val_batches, layout, cfg, device)   # the EMA is whole
+                progress.write(json.dumps(val))
+                log.write(json.dumps(val) + "\n")
+                for name in ("val", "val_ema"):
+                    board.add_scalar(f"{name}/mean", val[name]["mean"], step)
+                    for sigma, value in val[name]["per_sigma"].items():
+                        board.add_scalar(f"{name}/sigma_{sigma}", value, step)
+        if cfg.train.sample_model and rank == 0 and evaluate_now:
             if conditioning is None:
                 from mmdit.loading import load_conditioning
 
-                text, vae = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
-                                              t5_tokens=layout.t5_tokens)
+                with outside_zero3_init():
+                    text, vae = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
+                                                  t5_tokens=layout.t5_tokens)
                 conditioning = text.to(device), vae.to(device)
             grid = sample_grid(ema, conditioning, cfg, side=x0.shape[-1] * conditioning[1].downsample)
             board.add_image("samples/ema", grid, step, dataformats="HWC")
@@ -437,31 +647,20 @@ def main(argv=None):
             (out_dir / "samples").mkdir(exist_ok=True)
             Image.fromarray(grid).save(out_dir / "samples" / f"step_{step:08d}.png")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            checkpoint()
+            checkpoint(cfg, procs, state)
         stopping = stop["signal"] is not None
         if accelerator is not None:  # every rank must stop at the same step: the save is collective
             stopping = bool(accelerator.reduce(torch.tensor(int(stopping), device=device), "max").item())
         if stopping:
-            folder = checkpoint()
+            folder = checkpoint(cfg, procs, state)
             print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
             end_together(accelerator)
             return 0
     progress.close()
     if board is not None:
         board.close()
-    if rank == 0:  # the EMA weights in every format save_mmdit writes
-        from mmdit.checkpoint import save_mmdit
-
-        export = out_dir / "export"
-        save_mmdit(ema, export / "ema.safetensors", "native")
-        save_mmdit(ema, export / "ema_sai.safetensors", "sai")
-        if ema.config.frequency_dim == 256 and ema.config.mlp_ratio == 4.0:
-            save_mmdit(ema, export / "transformer", "diffusers")
-            base = Path(cfg.train.sample_model or "")
-            if cfg.train.sample_model and (base / "model_index.json").is_file():   # a whole model for sample.py
-                export_pipeline(export / "transformer", base, export / "pipeline")
-        print(f"exported the EMA weights to {export} ({time.perf_counter() - run_started:.0f} s since start)",
-              file=sys.stderr)
+    if rank == 0:
+        export(cfg, state, run_started)
     end_together(accelerator)
     return 0
 

@@ -353,13 +353,14 @@ def atomic_save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
             os.unlink(tmp)
 
 
-def save_mmdit(model: MMDiT, path: str | os.PathLike, format: str = "native"):
+def save_mmdit(model: MMDiT, path: str | os.PathLike, format: str = "native", state: dict | None = None):
     """Write the model as 'native' (one file, our keys + config), 'sai' (Stability single file) or 'diffusers'
-    (a directory that SD3Transformer2DModel.from_pretrained loads). Tensors keep the model's dtype."""
+    (a directory that SD3Transformer2DModel.from_pretrained loads). Tensors keep the model's dtype; `state`, when
+    given, is written in place of the model's own (a trainer's fp32 master weights, same keys)."""
     if format not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {format!r}; accepted: {', '.join(FORMATS)}")
     path = Path(path)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     meta = {"format": NATIVE_FORMAT, "mmdit_config": json.dumps(model.config.to_dict())}
     if format == "native":
         atomic_save_file(path, state, meta)

@@ -279,7 +279,8 @@ class TrainSection:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     max_bad_steps: int = 10              # consecutive non-finite losses before the run stops
-    deepspeed: str = "configs/deepspeed/zero2.json"
+    compile: bool = False                # torch.compile the model (nn.Module.compile: weights keep their names)
+    deepspeed: str = "configs/deepspeed/zero2.json"   # when several processes run and the launcher names none; "" = DDP
     sample_model: str | None = None      # text encoders + VAE (a pipeline) for image grids at validation
     sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red circle left of a blue square")
     sample_steps: int = 20
@@ -322,6 +323,44 @@ def _coerce(value, annotation: str, where: str):
     return float(value) if base == "float" else value
 
 
+INF = math.inf
+# The accepted range of every numeric recipe field that has one: (low, high, low excluded). Integers must be whole,
+# floats finite. A value outside stops the run with one line before any compute (a zero interval would divide by
+# zero after hours of work; zero steps would export untrained weights).
+RECIPE_RANGES = {
+    "data.batch_size": (1, INF, False), "data.num_workers": (0, 256, False), "data.shuffle_buffer": (1, INF, False),
+    "text.drop_clip_l": (0, 1, False), "text.drop_clip_g": (0, 1, False), "text.drop_t5": (0, 1, False),
+    "flow.lognorm_std": (0, INF, True), "flow.mode_scale": (-INF, INF, False), "flow.lognorm_mean": (-INF, INF, False),
+    "flow.train_shift": (0, INF, True),
+    "optim.lr": (0, INF, True), "optim.weight_decay": (0, INF, False), "optim.eps": (0, INF, True),
+    "optim.warmup_steps": (0, INF, False), "optim.cooldown_steps": (0, INF, False), "optim.grad_clip": (0, INF, True),
+    "optim.grad_accum": (1, INF, False),
+    "train.steps": (1, INF, False), "train.ema_decay": (0, 1, False), "train.log_every": (1, INF, False),
+    "train.val_every": (1, INF, False), "train.val_sigmas": (1, 1000, False), "train.checkpoint_every": (1, INF, False),
+    "train.keep_checkpoints": (1, INF, False), "train.max_bad_steps": (1, INF, False),
+    "train.sample_steps": (1, MAX_STEPS, False),
+}
+
+
+def _first_recipe_problem(config: Config) -> str | None:
+    """The first recipe field out of its range (RECIPE_RANGES), or a malformed list field, as one line."""
+    for where, (low, high, low_open) in RECIPE_RANGES.items():
+        section, name = where.split(".")
+        value = getattr(getattr(config, section), name)
+        if not _finite_in(value, low, high, low_open):
+            interval = ("(" if low_open else "[") + f"{low}, " + ("inf)" if high == INF else f"{high}]")
+            return f"{where} must be a finite number in {interval}, got {value!r}"
+    betas = config.optim.betas
+    if len(betas) != 2 or not all(_finite_in(b, 0, 1) and b < 1 for b in betas):
+        return f"optim.betas must be two numbers in [0, 1), got {list(betas)}"
+    probs = config.data.caption_variant_probs
+    if not probs or not all(_finite_in(p, 0, INF) for p in probs) or sum(probs) <= 0:
+        return f"data.caption_variant_probs must be non-negative weights with a positive sum, got {list(probs)}"
+    if config.data.prepare_args and not config.data.prepare:
+        return "data.prepare_args is set but data.prepare is empty: name the module that takes them"
+    return None
+
+
 def config_from_dict(d: dict) -> Config:
     """A Config from nested dicts; unknown sections or keys and wrong types fail with one line naming them."""
     sections = {}
@@ -348,11 +387,9 @@ def config_from_dict(d: dict) -> Config:
     for where, value, accepted in choices:
         if value not in accepted:
             raise ValueError(f"{where} {value!r} is not one of {', '.join(accepted)}")
-    for name in ("drop_clip_l", "drop_clip_g", "drop_t5"):
-        if not 0 <= getattr(config.text, name) <= 1:
-            raise ValueError(f"text.{name} must lie in [0, 1], got {getattr(config.text, name)}")
-    if config.optim.cooldown_steps < 0:
-        raise ValueError(f"optim.cooldown_steps must be >= 0, got {config.optim.cooldown_steps}")
+    problem = _first_recipe_problem(config)
+    if problem:
+        raise ValueError(problem)
     return config
 
 
@@ -369,6 +406,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ValueError(f"cannot read config {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
             raise ValueError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config {path} must be a mapping of sections (model:, data:, ...), got a "
+                             f"{type(d).__name__}")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:

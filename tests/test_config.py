@@ -54,7 +54,23 @@ def test_overrides_and_round_trip(tmp_path):
     (["model.preset=sd4"], "unknown model preset 'sd4'"),
     (["model.overrides={depht: 3}"], "unknown model override"),
     (["flow.timestep_sampling=beta"], "flow.timestep_sampling 'beta' is not one of"),
-    (["text.drop_t5=1.5"], r"text.drop_t5 must lie in \[0, 1\]"),
+    (["text.drop_t5=1.5"], r"text.drop_t5 must be a finite number in \[0, 1\], got 1.5"),
+    (["train.steps=0"], r"train.steps must be a finite number in \[1, inf\), got 0"),
+    (["train.steps=-5"], r"train.steps must be"),
+    (["train.log_every=0"], r"train.log_every must be"),
+    (["train.checkpoint_every=0"], r"train.checkpoint_every must be"),
+    (["train.val_every=0"], r"train.val_every must be"),
+    (["data.batch_size=0"], r"data.batch_size must be"),
+    (["optim.lr=0"], r"optim.lr must be a finite number in \(0, inf\)"),
+    (["optim.lr=.nan"], r"optim.lr must be"),
+    (["optim.lr=.inf"], r"optim.lr must be"),
+    (["optim.grad_accum=0"], r"optim.grad_accum must be"),
+    (["train.ema_decay=1.5"], r"train.ema_decay must be"),
+    (["optim.betas=[0.9, 1.0]"], r"optim.betas must be two numbers in \[0, 1\)"),
+    (["optim.betas=[0.9]"], r"optim.betas must be two numbers"),
+    (["data.caption_variant_probs=[0, 0]"], r"data.caption_variant_probs must be non-negative weights"),
+    (["data.caption_variant_probs=[-1, 2]"], r"data.caption_variant_probs must be"),
+    (["data.prepare_args=[--out, x]"], r"data.prepare_args is set but data.prepare is empty"),
     (["lr=1"], "expected section.key=value"),
 ])
 def test_bad_recipes_fail_with_one_line(overrides, match):
@@ -69,6 +85,22 @@ def test_unreadable_and_invalid_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(ValueError, match="is not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    for text, kind in (("- model\n- data\n", "list"), ("42\n", "int"), ("just words\n", "str")):
+        (tmp_path / "odd.yaml").write_text(text)
+        with pytest.raises(ValueError, match=f"must be a mapping of sections .* got a {kind}"):
+            load_config(tmp_path / "odd.yaml")
+
+
+def test_every_ranged_field_exists_and_its_defaults_pass():
+    """The range table names real numeric fields (a typo there would check nothing), and the defaults pass."""
+    import dataclasses
+
+    from mmdit.config import RECIPE_RANGES, Config
+
+    for where in RECIPE_RANGES:
+        section, name = where.split(".")
+        assert name in {f.name for f in dataclasses.fields(getattr(Config(), section))}, where
+    load_config(None, [])
 
 
 def test_recipe_names_agree_with_flow():

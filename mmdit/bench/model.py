@@ -128,13 +128,15 @@ def run_case(depth, side, batch, precision, device, rounds, peak_flops, measure_
     }
 
 
-def bare_train_step(depth: int, batch: int, side: int = 32, text_tokens: int = TEXT_TOKENS):
+def bare_train_step(depth: int, batch: int, side: int = 32, text_tokens: int = TEXT_TOKENS, compile: bool = False):
     """A paper-family MM-DiT and one training step on fixed tensors (forward, MSE, backward, fused AdamW): the
     rate the model itself allows, with no data path around it."""
     from mmdit.config import paper_depth
     from mmdit.model import MMDiT
 
     model = MMDiT(paper_depth(depth, pos_embed_max_size=max(side // 2, 8)))
+    if compile:
+        model.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x, target = torch.randn(batch, 16, side, side), torch.randn(batch, 16, side, side)
     sigma, context, pooled = torch.rand(batch), torch.randn(batch, text_tokens, 4096), torch.randn(batch, 2048)

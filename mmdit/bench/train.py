@@ -23,7 +23,7 @@ from mmdit.bench.model import bare_train_step
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def trainer_rate(shards: Path, out: Path, depth: int, batch: int, steps: int) -> float:
+def trainer_rate(shards: Path, out: Path, depth: int, batch: int, steps: int, compile: bool = False) -> float:
     """Samples/s of train.py (run as the command it is) over its last `steps // 2` steps (startup and first steps
     excluded), on the tiny recipe's settings with the model and batch asked for."""
     import subprocess
@@ -34,13 +34,13 @@ def trainer_rate(shards: Path, out: Path, depth: int, batch: int, steps: int) ->
                "model.overrides={pos_embed_max_size: 64}", f"data.batch_size={batch}", "data.num_workers=0",
                f"train.steps={steps}", f"train.log_every={steps // 2}", "train.precision=fp32",
                f"train.checkpoint_every={10 * steps}", f"train.val_every={10 * steps}", "optim.warmup_steps=1",
-               "data.caption_variant_probs=[1]"]
+               "data.caption_variant_probs=[1]", f"train.compile={str(compile).lower()}"]
     subprocess.run(command, check=True, capture_output=True)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [r for r in records if "samples_per_s" in r][-1]["samples_per_s"]
 
 
-def loops(shards: Path, depth: int, batch: int):
+def loops(shards: Path, depth: int, batch: int, compile: bool = False):
     """The bare step of our model, and a data loop stepping diffusers' model: {name: () -> None}."""
     from diffusers import SD3Transformer2DModel
 
@@ -52,6 +52,8 @@ def loops(shards: Path, depth: int, batch: int):
     ref = SD3Transformer2DModel(num_layers=depth, attention_head_dim=64, num_attention_heads=depth,
                                 caption_projection_dim=64 * depth, pos_embed_max_size=64)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
+    if compile:
+        ref.compile()
     layout = TextLayout()
     data = iter(())
     g = torch.Generator().manual_seed(0)
@@ -75,13 +77,14 @@ def loops(shards: Path, depth: int, batch: int):
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt_ref.step()
 
-    return {"bare step (ours)": bare_train_step(depth, batch), "diffusers loop": diffusers_loop}
+    return {"bare step (ours)": bare_train_step(depth, batch, compile=compile), "diffusers loop": diffusers_loop}
 
 
 def run(args):
     print(f"training benchmark: MM-DiT depth {args.depth}, batch {args.batch}, 256x256 latents, 154 text tokens, "
-          f"fp32, one process, {torch.get_num_threads()} threads; train.py vs its bare model step vs a "
-          f"diffusers-based loop on the same shards")
+          f"fp32, one process, {torch.get_num_threads()} threads, {'compiled' if args.compile else 'eager'}, CPU "
+          f"{torch.backends.cpu.get_cpu_capability()}; train.py vs its bare model step vs a diffusers-based loop on "
+          f"the same shards")
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         shards.mkdir()
@@ -89,8 +92,8 @@ def run(args):
         from mmdit.shards import write_manifest
 
         write_manifest(shards, {p.name: 2 * args.batch for p in sorted(shards.glob("*.tar"))}, {}, {})
-        trainer = trainer_rate(shards, Path(tmp) / "run", args.depth, args.batch, args.steps)
-        times = alternate(loops(shards, args.depth, args.batch), torch.device("cpu"), args.rounds)
+        trainer = trainer_rate(shards, Path(tmp) / "run", args.depth, args.batch, args.steps, args.compile)
+        times = alternate(loops(shards, args.depth, args.batch, args.compile), torch.device("cpu"), args.rounds)
     rates = {name: args.batch / statistics.median(t) for name, t in times.items()}
     tokens = (256 + 154) * args.batch
     print(f"  train.py        {trainer:7.2f} samples/s  {trainer * tokens / args.batch:8.0f} tokens/s")
@@ -105,4 +108,5 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8, help="train.py steps; the last half are timed")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (train.compile=true)")
     parser.set_defaults(run=run)
