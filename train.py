@@ -108,7 +108,7 @@ def choose_engine(recipe_deepspeed: str, world: int, env) -> tuple[str, str | No
         # process (and sets MASTER_ADDR for the others it never starts): training alone would be silently wrong
         if "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
             raise ValueError("accelerate launch was asked for several processes but started one: add --multi_gpu "
-                             "(DDP) or --use_deepspeed (on a machine without GPUs also --cpu), or launch one process")
+                             "(DDP) or --use_deepspeed (with --cpu accelerate starts one process), or launch one")
         return "single", None
     if not recipe_deepspeed:
         return "ddp", None
@@ -206,14 +206,12 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
     torch.save(state, tmp / f"state_rank{rank}.pt")
     barrier()
     if rank == 0:
+        stale = folder.with_name(f".{folder.name}.stale")
         if folder.exists():   # this step saved before (a corrupt checkpoint passed over on resume): replace it
-            stale = folder.with_name(f".{folder.name}.stale")
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(folder, stale)
-            os.replace(tmp, folder)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, folder)
+        os.replace(tmp, folder)
+        shutil.rmtree(stale, ignore_errors=True)
         for old in sorted((out_dir / "checkpoints").glob("step_*"))[:-keep]:
             shutil.rmtree(old)
     barrier()
@@ -434,8 +432,8 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
     raw_model, accelerator = model, procs.accelerator
     fixed = None
     if procs.deepspeed and (procs.precision == "bf16" or procs.zero_stage == 3):   # before DeepSpeed casts or splits
-        fixed = {name: t.detach().clone() for name, t in model.state_dict().items()
-                 if name not in {n for n, p in model.named_parameters() if p.requires_grad}}
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        fixed = {name: t.detach().clone() for name, t in model.state_dict().items() if name not in trained}
     if procs.deepspeed:
         model, optimizer = accelerator.prepare(model, optimizer)
         if resume is not None:

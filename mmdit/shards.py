@@ -314,9 +314,10 @@ def sample_stream(shards: list[str], *, seed: int, epoch: int, rank: int = 0, wo
         order = order[stream::streams]
     buffer, barren, read_any = [], set(), False
     for shard in order:
-        if resampled and not read_any and shard in barren and len(barren) == len(set(shards)):
-            raise ValueError(f"none of the {len(barren)} shards gave a readable sample (first: {shards[0]})")
-        barren.add(shard)
+        if resampled and not read_any:   # an endless stream of shards that give nothing would never yield
+            if shard in barren and len(barren) == len(set(shards)):
+                raise ValueError(f"none of the {len(barren)} shards gave a readable sample (first: {shards[0]})")
+            barren.add(shard)
         for sample in read_shard(shard, stats):
             read_any = True
             if len(buffer) < shuffle_buffer:
