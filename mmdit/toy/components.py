@@ -93,22 +93,13 @@ def _splice(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask * x + (1 - mask) * x.roll(1, 0)
 
 
-# Pixels this near the picture's edge are weighted as objects are. The encoder's stride-2 convolutions pad only the
-# right and bottom (diffusers' Downsample2D), so the latent grid sits a few pixels off the picture's and the decoder
-# must rebuild the top and left edges from the grid's edge; at background weight it left a dark mark there.
-BORDER = 4
-
-
 def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
-    """L1 + L2 with objects (and a rim around them) and the picture's border weighted up: objects are a few percent
-    of the pixels, and without the weight the loss is all background and the decoder stays at blurry blobs for a
-    long time."""
+    """L1 + L2 with objects (and a rim around them) weighted up: they are a few percent of the pixels, and without
+    the weight the loss is all background and the decoder stays at blurry blobs for a long time."""
     error = (recon - x).abs() + (recon - x) ** 2
     background = x.flatten(2).median(2).values[..., None, None]
     near = torch.nn.functional.max_pool2d(((x - background).abs().sum(1, keepdim=True) > 0.2).float(), 5, 1, 2)
-    border = torch.ones_like(near)
-    border[..., BORDER:-BORDER, BORDER:-BORDER] = 0
-    weight = 1 + object_weight * torch.maximum(near, border)
+    weight = 1 + object_weight * near
     return (error * weight).sum() / (weight.sum() * 3)
 
 

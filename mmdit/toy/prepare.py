@@ -21,7 +21,7 @@ from mmdit.config import PRECISIONS
 from mmdit.toy import world
 
 
-COMPONENT_TRAINING = {"vae_steps": 4000, "vae_images": 2000, "tower_steps": 1500}   # the defaults of these flags
+COMPONENT_TRAINING = {"vae_steps": 1000, "vae_images": 2000, "tower_steps": 1500}   # the defaults of these flags
 
 
 def add_world_arguments(parser: argparse.ArgumentParser):
