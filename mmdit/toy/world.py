@@ -6,12 +6,10 @@ in GenEval's six tasks: single object, two objects, counting (two to four), colo
 above, below) and colour attribution. The world is small enough that an SD3-architecture pipeline trains on it on a CPU in minutes, and plain
 image analysis can judge it (mmdit.toy.detector), so it gives a quality signal on any machine.
 
-Held out of training, so generalisation can be measured (HELD_OUT_*), each one attribute away from what is trained
-and every colour and shape common elsewhere: three colour-shape pairs are never named in a caption (a red triangle
-is drawn only in scenes whose captions name no colour: counting, two objects, position; the picture is known, the
-words "red triangle" are not); three count-shape combinations are never drawn; four position phrasings and two
-two-object orderings never appear as captions (the same layouts do, phrased the other way round); and a lone shape
-is always captioned with its colour, so the bare "a photo of a circle" is never a training caption.
+Held out of training, so generalisation can be measured (HELD_OUT_*): six colour-shape pairs are never drawn at
+all; three count-shape combinations are never drawn; four position phrasings and two two-object orderings never
+appear as captions (the same layouts do, phrased the other way round); and a lone shape is always captioned with
+its colour, so the bare "a photo of a circle" is never a training caption.
 """
 
 from __future__ import annotations
@@ -40,9 +38,8 @@ RELATIONS = ("left of", "right of", "above", "below")
 # cell for the 8x-down VAE to keep them; smaller squares and triangles come back rounded (README: the toy world).
 RADIUS = (9.0, 12.0)
 
-# Few, and named only: a world that never drew them taught the MM-DiT each shape's colours as a closed list, and
-# held-out colour prompts fell as it trained longer (README: the toy world).
-HELD_OUT_COLORS = {("red", "triangle"), ("blue", "circle"), ("yellow", "square")}
+HELD_OUT_COLORS = {("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "triangle"),
+                   ("green", "circle"), ("white", "square")}
 HELD_OUT_COUNTS = {(3, "triangle"), (4, "circle"), (2, "square")}
 HELD_OUT_POSITIONS = {("circle", "left of", "square"), ("triangle", "above", "circle"),
                       ("square", "below", "triangle"), ("triangle", "right of", "square")}
@@ -83,8 +80,7 @@ def render(objects: list[ToyObject], side: int = SIDE, supersample: int = 4) -> 
 
 # ---- scenes and their captions ----------------------------------------------------------------------------------
 
-def nameable_colors(shape: str) -> list[str]:
-    """The colours a training caption may name on shape: all but its held-out pairs (which are drawn, unnamed)."""
+def allowed_colors(shape: str) -> list[str]:
     return [c for c in COLORS if (c, shape) not in HELD_OUT_COLORS]
 
 
@@ -110,13 +106,11 @@ def _place(rng, objects, shape, color, side, near=None, relation=None, tries=200
 
 
 def sample_scene(rng: np.random.Generator, task: str, side: int = SIDE):
-    """(objects, caption, GenEval metadata) for one training scene of a task, avoiding every held-out item: a
-    held-out colour-shape pair may be drawn only where the caption names no colour."""
+    """(objects, caption, GenEval metadata) for one training scene of a task, avoiding every held-out item."""
     while True:
         objects, shapes = [], list(rng.permutation(SHAPES))
         a, b = shapes[0], shapes[1]
-        named = task in ("colors", "color_attr")   # the tasks whose captions name colours
-        ca, cb = (rng.choice(nameable_colors(s) if named else COLORS) for s in (a, b))
+        ca, cb = rng.choice(allowed_colors(a)), rng.choice(allowed_colors(b))
         if task == "colors":
             caption, meta = f"a photo of a {ca} {a}", prompt_metadata("colors", [(a, 1, ca)])
             specs = [(a, ca, None, None)]
@@ -130,7 +124,7 @@ def sample_scene(rng: np.random.Generator, task: str, side: int = SIDE):
             if (n, a) in HELD_OUT_COUNTS:
                 continue
             caption, meta = f"a photo of {NUMBERS[n]} {a}s", prompt_metadata("counting", [(a, n, None)])
-            specs = [(a, rng.choice(COLORS), None, None) for _ in range(n)]
+            specs = [(a, rng.choice(allowed_colors(a)), None, None) for _ in range(n)]
         elif task == "position":
             relation = RELATIONS[int(rng.integers(4))]
             if (a, relation, b) in HELD_OUT_POSITIONS:
