@@ -13,7 +13,7 @@ max_bad_steps in a row stop the run. SIGTERM / SIGINT save a checkpoint and exit
 Several processes (accelerate launch) train with the DeepSpeed file the launcher names, else train.deepspeed (ZeRO-2
 by default), or DDP when that is "": each rank reads its own shards, gradients are reduced, and checkpoints hold
 every rank's optimizer shard (DeepSpeed) and data position. The phases: check_recipe (every error before compute),
-set_up_processes, build_state, the loop in main, export.
+set_up_processes, build_state, announce, the loop in main (optimizer_step, evaluate, checkpoint), export.
 """
 
 import contextlib
@@ -528,6 +528,7 @@ def optimizer_step(cfg, procs: Processes, state: TrainState):
 
 
 def throughput(config, samples_per_s: float, image_tokens: int, text_tokens: int) -> dict:
+    """Samples, tokens (image and text) and matmul FLOPs per second of training at samples_per_s."""
     from mmdit.model import train_step_flops
 
     return {"samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * (image_tokens + text_tokens),
@@ -545,20 +546,25 @@ def open_logs(cfg, procs: Processes, state: TrainState, out_dir: Path):
     return log, board, progress
 
 
-def write_record(record: dict, log, board, progress, step: int, prefix: str):
-    """One line of log.jsonl (and the console), its numbers to TensorBoard under prefix/ (per_sigma flattened)."""
+TRAIN_SCALARS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "flops_per_s")   # TensorBoard train/*
+VAL_SCALARS = ("val", "val_ema")   # validation losses: NAME/mean and NAME/sigma_S
+
+
+def write_record(record: dict, log, board, progress, step: int, scalars: tuple[str, ...]):
+    """One line of log.jsonl (and the console); the record's named scalars to TensorBoard (rank 0's board)."""
     progress.write(json.dumps({k: v for k, v in record.items() if k != "keys"}))
     log.write(json.dumps(record) + "\n")
     log.flush()
     if board is None:
         return
-    for name, value in record.items():
-        if isinstance(value, float):
-            board.add_scalar(f"{prefix}/{name}", value, step)
-        elif isinstance(value, dict):   # a validation loss: its mean and per-sigma values
+    for name in scalars:
+        value = record[name]
+        if isinstance(value, dict):   # a validation loss: its mean and per-sigma values
             board.add_scalar(f"{name}/mean", value["mean"], step)
             for sigma, v in value["per_sigma"].items():
                 board.add_scalar(f"{name}/sigma_{sigma}", v, step)
+        else:
+            board.add_scalar(f"train/{name}", value, step)
 
 
 def evaluate(cfg, procs: Processes, state: TrainState, val_batches, layout, conditioning, no_t5: bool,
@@ -566,16 +572,16 @@ def evaluate(cfg, procs: Processes, state: TrainState, val_batches, layout, cond
     """The validation loss (of the model and of its EMA) and the sample grid of the fixed prompts; returns the
     sampling encoders and VAE, loaded on first use. Under ZeRO-3 every rank joins the model's validation (its
     parameters are gathered collectively); the rest runs on rank 0."""
-    from mmdit.loading import load_conditioning
-
     step, device, (log, board, progress) = state.step, procs.device, logs
     if val_batches and (procs.rank == 0 or procs.zero_stage == 3):
         val = {"step": step, "val": validation_loss(state.raw_model, val_batches, layout, cfg, device)}
         if procs.rank == 0:
             val["val_ema"] = validation_loss(state.ema, val_batches, layout, cfg, device)   # the EMA is whole
-            write_record(val, log, board, progress, step, "val")
+            write_record(val, log, board, progress, step, VAL_SCALARS)
     if cfg.train.sample_model and procs.rank == 0:
         if conditioning is None:
+            from mmdit.loading import load_conditioning
+
             with outside_zero3_init():
                 text, vae = load_conditioning(cfg.train.sample_model, no_t5=no_t5, t5_tokens=layout.t5_tokens)
             conditioning = text.to(device), vae.to(device)
@@ -602,8 +608,8 @@ def main(argv=None):
 
     procs = set_up_processes(cfg, resume)
     rank, device, accelerator = procs.rank, procs.device, procs.accelerator
-    out_dir = announce(cfg, procs)
     state = build_state(cfg, procs, resume)
+    out_dir = announce(cfg, procs)   # after the state: a run that cannot start leaves an earlier config.json be
     model, raw_model, optimizer, generator = state.model, state.raw_model, state.optimizer, state.generator
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=procs.precision == "bf16")
 
@@ -684,7 +690,7 @@ def main(argv=None):
                       "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
                       **throughput(raw_model.config, B * cfg.optim.grad_accum * cfg.train.log_every / elapsed,
                                    image_tokens, context.shape[1])}
-            write_record(record, log, board, progress, step, "train")
+            write_record(record, log, board, progress, step, TRAIN_SCALARS)
             started = time.perf_counter()
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:
             conditioning = evaluate(cfg, procs, state, val_batches, layout, conditioning, "t5" not in batch,

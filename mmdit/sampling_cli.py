@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from mmdit.cli import UsageError, one_line
-from mmdit.config import SAMPLERS, SAMPLING_DEFAULTS_FILE, Settings
+from mmdit.config import MAX_GUIDANCE, SAMPLERS, SAMPLING_DEFAULTS_FILE, Settings
 from mmdit.toy import BUNDLED_MODEL
 
 SD3_CFG = 7.0            # StableDiffusion3Pipeline's default guidance scale
@@ -102,17 +102,24 @@ def default_cfg(model) -> float:
     """The guidance scale when none is given: the one a pipeline folder recommends in its mmdit_sampling.json (the
     toy pipelines do: guidance that suits SD3 darkens their colours), else SD3's. model None: the bundled model."""
     import json
-    import math
 
-    defaults = Path(model or BUNDLED_MODEL).expanduser() / SAMPLING_DEFAULTS_FILE
+    defaults = Path(BUNDLED_MODEL if model is None else model) / SAMPLING_DEFAULTS_FILE
     if not defaults.is_file():
         return SD3_CFG
     try:
-        cfg = json.loads(defaults.read_text()).get("cfg", SD3_CFG)
-    except (ValueError, AttributeError):
-        raise UsageError(f"{defaults} is not a JSON object like {{\"cfg\": 2.0}}") from None
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= 100:
-        raise UsageError(f"{defaults}: cfg must be a number in [0, 100], got {cfg!r}")
+        recorded = json.loads(defaults.read_text())
+    except OSError as e:
+        raise UsageError(f"{defaults} cannot be read: {e.strerror}") from None
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{defaults} is not a JSON object like {{\"cfg\": 2.0}}")
+    unknown = sorted(set(recorded) - {"cfg"})
+    if unknown:
+        raise UsageError(f"{defaults}: unknown key {unknown[0]!r}; accepted: cfg")
+    cfg = recorded.get("cfg", SD3_CFG)
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_GUIDANCE:
+        raise UsageError(f"{defaults}: cfg must be a number in [0, {MAX_GUIDANCE}], got {cfg!r}")
     return float(cfg)
 
 

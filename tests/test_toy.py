@@ -203,6 +203,10 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
     sample.main(["--model", str(exported), "--prompt", "a photo of a red circle", "--steps", "2", "--no-t5",
                  "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
+    from mmdit.sampling_cli import default_cfg
+    from mmdit.toy.components import TOY_CFG
+
+    assert default_cfg(str(exported)) == TOY_CFG   # the recipe's export samples with the toy guidance by default
 
     from mmdit.eval.cli import main as geneval
 
@@ -244,7 +248,8 @@ def test_the_bundled_model_is_the_default_and_small(tmp_path):
     assert default_cfg(None) == default_cfg(str(BUNDLED_MODEL) + "/") == 2.0
     assert default_cfg(tmp_path) == default_cfg("stabilityai/stable-diffusion-3.5-medium") == SD3_CFG == 7.0
     for text, problem in (("[2]", "not a JSON object"), ('{"cfg": "high"}', "must be a number"),
-                          ('{"cfg": 1e400}', "must be a number"), ("{", "not a JSON object")):
+                          ('{"cfg": 1e400}', "must be a number"), ("{", "not a JSON object"),
+                          ('{"cfg": ' + "9" * 400 + "}", "must be a number"), ('{"cfgg": 2}', "unknown key 'cfgg'")):
         (tmp_path / SAMPLING_DEFAULTS_FILE).write_text(text)
         with pytest.raises(UsageError, match=problem):
             default_cfg(tmp_path)

@@ -118,7 +118,7 @@ def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) 
 # an image token, so no more.
 TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 13, 12
 TOY_SHIFT = 1.0   # sampling shift: the paper's shift is 1 at 256^2 and grows with resolution; toy images are 64^2
-TOY_CFG = 2.0     # guidance: SD3's 7 darkens the toy models' colours and tints their background (README: toy world)
+TOY_CFG = 2.0     # guidance: SD3's 7 darkens the toy models' colours and tints their background
 
 
 def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae_steps: int, tower_steps: int,
