@@ -237,11 +237,13 @@ def sample_grid(ema, conditioning, cfg, side: int):
     """Images of the fixed prompts from the EMA weights (seeds 0, 1, ...), side by side: (H, W * n, 3) uint8."""
     from mmdit.loading import scheduler_shift
     from mmdit.pipeline import SD3Pipeline, Settings
+    from mmdit.sampling_cli import default_cfg
 
     text, vae = conditioning
     pipe = SD3Pipeline(ema, vae, text, scheduler_shift(cfg.train.sample_model))
     prompts = list(cfg.train.sample_prompts)
-    images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=5.0,
+    guidance = default_cfg(cfg.train.sample_model, otherwise=5.0)   # the model folder's own scale, if it has one
+    images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=guidance,
                                                                        width=side, height=side))
     return images.transpose(1, 0, 2, 3).reshape(side, side * len(prompts), 3)
 
@@ -340,7 +342,11 @@ def check_recipe(args):
             if absent:   # an epoch of nothing would repeat forever
                 raise ValueError(f"{len(absent)} of the {len(listed)} shards that {source} names are missing: "
                                  f"{', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
-    except ValueError as e:
+        if cfg.train.sample_model:   # its sampling defaults are read at the first sample grid: check them now
+            from mmdit.sampling_cli import default_cfg
+
+            default_cfg(cfg.train.sample_model)
+    except ValueError as e:   # UsageError is one
         fail(str(e))
     out_dir = Path(cfg.train.out_dir)
     if args.resume == "latest":

@@ -98,14 +98,15 @@ def settings_from(args: argparse.Namespace, shift: float | None, side: int) -> S
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
 
 
-def default_cfg(model) -> float:
+def default_cfg(model, otherwise: float = SD3_CFG) -> float:
     """The guidance scale when none is given: the one a pipeline folder recommends in its mmdit_sampling.json (the
-    toy pipelines do: guidance that suits SD3 darkens their colours), else SD3's. model None: the bundled model."""
+    toy pipelines do: guidance that suits SD3 darkens their colours), else `otherwise` (SD3's). model None: the
+    bundled model."""
     import json
 
     defaults = Path(BUNDLED_MODEL if model is None else model) / SAMPLING_DEFAULTS_FILE
     if not defaults.is_file():
-        return SD3_CFG
+        return otherwise
     try:
         recorded = json.loads(defaults.read_text())
     except OSError as e:
