@@ -13,7 +13,7 @@ max_bad_steps in a row stop the run. SIGTERM / SIGINT save a checkpoint and exit
 Several processes (accelerate launch) train with the DeepSpeed file the launcher names, else train.deepspeed (ZeRO-2
 by default), or DDP when that is "": each rank reads its own shards, gradients are reduced, and checkpoints hold
 every rank's optimizer shard (DeepSpeed) and data position. The phases: check_recipe (every error before compute),
-set_up_processes, build_state, the loop in main, export.
+set_up_processes, build_state, announce, the loop in main (optimizer_step, evaluate, checkpoint), export.
 """
 
 import contextlib
@@ -237,11 +237,13 @@ def sample_grid(ema, conditioning, cfg, side: int):
     """Images of the fixed prompts from the EMA weights (seeds 0, 1, ...), side by side: (H, W * n, 3) uint8."""
     from mmdit.loading import scheduler_shift
     from mmdit.pipeline import SD3Pipeline, Settings
+    from mmdit.sampling_cli import default_cfg
 
     text, vae = conditioning
     pipe = SD3Pipeline(ema, vae, text, scheduler_shift(cfg.train.sample_model))
     prompts = list(cfg.train.sample_prompts)
-    images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=5.0,
+    guidance = default_cfg(cfg.train.sample_model, otherwise=5.0)   # the model folder's own scale, if it has one
+    images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=guidance,
                                                                        width=side, height=side))
     return images.transpose(1, 0, 2, 3).reshape(side, side * len(prompts), 3)
 
@@ -340,7 +342,11 @@ def check_recipe(args):
             if absent:   # an epoch of nothing would repeat forever
                 raise ValueError(f"{len(absent)} of the {len(listed)} shards that {source} names are missing: "
                                  f"{', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
-    except ValueError as e:
+        if cfg.train.sample_model:   # its sampling defaults are read at the first sample grid: check them now
+            from mmdit.sampling_cli import default_cfg
+
+            default_cfg(cfg.train.sample_model)
+    except ValueError as e:   # UsageError is one
         fail(str(e))
     out_dir = Path(cfg.train.out_dir)
     if args.resume == "latest":
@@ -486,6 +492,114 @@ def export(cfg, state: TrainState, run_started: float):
           file=sys.stderr)
 
 
+def announce(cfg, procs: Processes) -> Path:
+    """Rank 0 says how this launch trains and writes it into the run folder: config.json (the recipe again, naming
+    the DeepSpeed file that ran) and run.json (engine, ZeRO stage, world size, precision, device)."""
+    import torch
+
+    from mmdit.config import config_to_dict
+
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if procs.rank == 0:
+        device = procs.device
+        hardware = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name()
+        stage = f" ZeRO-{procs.zero_stage} ({procs.deepspeed_file or 'the launcher flags'})" if procs.deepspeed else ""
+        print(f"engine: {procs.engine}{stage}, {procs.world} process{'es' if procs.world > 1 else ''}; precision: "
+              f"{procs.precision} (train.precision {cfg.train.precision}; {device.type}, {hardware})", file=sys.stderr)
+        recipe = config_to_dict(cfg)
+        recipe["train"]["deepspeed"] = procs.deepspeed_file or ("" if procs.engine == "ddp" else cfg.train.deepspeed)
+        (out_dir / "config.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        (out_dir / "run.json").write_text(json.dumps(procs.record(), indent=2) + "\n")
+    return out_dir
+
+
+def optimizer_step(cfg, procs: Processes, state: TrainState):
+    """Clip, step and zero the accumulated gradients, then update the EMA from the (fp32) weights; the gradient
+    norm. DeepSpeed clips and steps itself at the accumulation boundary."""
+    import torch
+
+    model, optimizer = state.model, state.optimizer
+    if procs.deepspeed:
+        optimizer.step()
+        optimizer.zero_grad()
+        grad_norm = torch.tensor(model.get_global_grad_norm() or 0.0)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    update_ema(state.ema, master_weights(state.raw_model, state.fixed), cfg.train.ema_decay)
+    state.step += 1
+    return grad_norm
+
+
+def throughput(config, samples_per_s: float, image_tokens: int, text_tokens: int) -> dict:
+    """Samples, tokens (image and text) and matmul FLOPs per second of training at samples_per_s."""
+    from mmdit.model import train_step_flops
+
+    return {"samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * (image_tokens + text_tokens),
+            "flops_per_s": train_step_flops(config, 1, image_tokens, text_tokens) * samples_per_s}
+
+
+def open_logs(cfg, procs: Processes, state: TrainState, out_dir: Path):
+    """This rank's log.jsonl (log_rankN.jsonl off rank 0); TensorBoard and the progress bar on rank 0."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    log = open(out_dir / ("log.jsonl" if procs.rank == 0 else f"log_rank{procs.rank}.jsonl"), "a")
+    board = SummaryWriter(out_dir / "tensorboard") if procs.rank == 0 else None
+    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=procs.rank != 0 or None)
+    return log, board, progress
+
+
+TRAIN_SCALARS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "flops_per_s")   # TensorBoard train/*
+VAL_SCALARS = ("val", "val_ema")   # validation losses: NAME/mean and NAME/sigma_S
+
+
+def write_record(record: dict, log, board, progress, step: int, scalars: tuple[str, ...]):
+    """One line of log.jsonl (and the console); the record's named scalars to TensorBoard (rank 0's board)."""
+    progress.write(json.dumps({k: v for k, v in record.items() if k != "keys"}))
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    if board is None:
+        return
+    for name in scalars:
+        value = record[name]
+        if isinstance(value, dict):   # a validation loss: its mean and per-sigma values
+            board.add_scalar(f"{name}/mean", value["mean"], step)
+            for sigma, v in value["per_sigma"].items():
+                board.add_scalar(f"{name}/sigma_{sigma}", v, step)
+        else:
+            board.add_scalar(f"train/{name}", value, step)
+
+
+def evaluate(cfg, procs: Processes, state: TrainState, val_batches, layout, conditioning, no_t5: bool,
+             latent_side: int, logs):
+    """The validation loss (of the model and of its EMA) and the sample grid of the fixed prompts; returns the
+    sampling encoders and VAE, loaded on first use. Under ZeRO-3 every rank joins the model's validation (its
+    parameters are gathered collectively); the rest runs on rank 0."""
+    step, device, (log, board, progress) = state.step, procs.device, logs
+    if val_batches and (procs.rank == 0 or procs.zero_stage == 3):
+        val = {"step": step, "val": validation_loss(state.raw_model, val_batches, layout, cfg, device)}
+        if procs.rank == 0:
+            val["val_ema"] = validation_loss(state.ema, val_batches, layout, cfg, device)   # the EMA is whole
+            write_record(val, log, board, progress, step, VAL_SCALARS)
+    if cfg.train.sample_model and procs.rank == 0:
+        if conditioning is None:
+            from mmdit.loading import load_conditioning
+
+            with outside_zero3_init():
+                text, vae = load_conditioning(cfg.train.sample_model, no_t5=no_t5, t5_tokens=layout.t5_tokens)
+            conditioning = text.to(device), vae.to(device)
+        grid = sample_grid(state.ema, conditioning, cfg, side=latent_side * conditioning[1].downsample)
+        board.add_image("samples/ema", grid, step, dataformats="HWC")
+        from PIL import Image
+
+        (Path(cfg.train.out_dir) / "samples").mkdir(exist_ok=True)
+        Image.fromarray(grid).save(Path(cfg.train.out_dir) / "samples" / f"step_{step:08d}.png")
+    return conditioning
+
+
 def main(argv=None):
     run_started = time.perf_counter()
     args = parse_args(argv)
@@ -494,21 +608,15 @@ def main(argv=None):
     import torch
 
     from mmdit import flow
-    from mmdit.config import TextLayout, config_to_dict
-    from mmdit.model import train_step_flops
+    from mmdit.config import TextLayout
     from mmdit.shards import ShardDataset
     from mmdit.text import assemble, sample_keep
 
     procs = set_up_processes(cfg, resume)
     rank, device, accelerator = procs.rank, procs.device, procs.accelerator
-    if rank == 0:
-        hardware = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else torch.cuda.get_device_name()
-        stage = f" ZeRO-{procs.zero_stage} ({procs.deepspeed_file or 'the launcher flags'})" if procs.deepspeed else ""
-        print(f"engine: {procs.engine}{stage}, {procs.world} process{'es' if procs.world > 1 else ''}; precision: "
-              f"{procs.precision} (train.precision {cfg.train.precision}; {device.type}, {hardware})", file=sys.stderr)
     state = build_state(cfg, procs, resume)
-    model, raw_model, ema, optimizer, generator = (state.model, state.raw_model, state.ema, state.optimizer,
-                                                   state.generator)
+    out_dir = announce(cfg, procs)   # after the state: a run that cannot start leaves an earlier config.json be
+    model, raw_model, optimizer, generator = state.model, state.raw_model, state.optimizer, state.generator
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=procs.precision == "bf16")
 
     batches = epoch_batches(cfg, procs, state.epoch, state.batches_in_epoch)
@@ -519,22 +627,10 @@ def main(argv=None):
     layout, conditioning = None, None
     drop = {"clip_l": cfg.text.drop_clip_l, "clip_g": cfg.text.drop_clip_g, "t5": cfg.text.drop_t5}
 
-    out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        recipe = config_to_dict(cfg)   # a recipe again, naming the DeepSpeed file that ran; run.json says how it ran
-        recipe["train"]["deepspeed"] = procs.deepspeed_file or ("" if procs.engine == "ddp" else cfg.train.deepspeed)
-        (out_dir / "config.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        (out_dir / "run.json").write_text(json.dumps(procs.record(), indent=2) + "\n")
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stop.update(signal=number))
-    log = open(out_dir / ("log.jsonl" if rank == 0 else f"log_rank{rank}.jsonl"), "a")
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
-    board = SummaryWriter(out_dir / "tensorboard") if rank == 0 else None
-    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=rank != 0 or None)
+    log, board, progress = open_logs(cfg, procs, state, out_dir)
 
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
     started, micro, bad_steps = time.perf_counter(), 0, 0
@@ -589,61 +685,22 @@ def main(argv=None):
         if micro < cfg.optim.grad_accum:
             continue
         micro = 0
-        if procs.deepspeed:
-            optimizer.step()
-            optimizer.zero_grad()
-            grad_norm = torch.tensor(model.get_global_grad_norm() or 0.0)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, master_weights(raw_model, state.fixed), cfg.train.ema_decay)
-        state.step += 1
+        grad_norm = optimizer_step(cfg, procs, state)
         step = state.step
         progress.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - started
             patch = raw_model.config.patch_size
-            tokens, accum = (x0.shape[-1] // patch) * (x0.shape[-2] // patch), cfg.optim.grad_accum
+            elapsed, image_tokens = time.perf_counter() - started, (x0.shape[-1] // patch) * (x0.shape[-2] // patch)
             record = {"step": step, "rank": rank, "keys": batch["keys"], "loss": loss.item(),
-                      "grad_norm": grad_norm.item(),
-                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": B * accum * cfg.train.log_every / elapsed,
-                      "tokens_per_s": B * accum * (tokens + context.shape[1]) * cfg.train.log_every / elapsed,
-                      "flops_per_s": train_step_flops(raw_model.config, B * accum, tokens, context.shape[1])
-                      * cfg.train.log_every / elapsed}
-            progress.write(json.dumps({k: v for k, v in record.items() if k != "keys"}))
-            log.write(json.dumps(record) + "\n")
-            if board is not None:
-                for name in ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "flops_per_s"):
-                    board.add_scalar(f"train/{name}", record[name], step)
-            log.flush()
+                      "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
+                      **throughput(raw_model.config, B * cfg.optim.grad_accum * cfg.train.log_every / elapsed,
+                                   image_tokens, context.shape[1])}
+            write_record(record, log, board, progress, step, TRAIN_SCALARS)
             started = time.perf_counter()
-        evaluate_now = step % cfg.train.val_every == 0 or step == cfg.train.steps
-        if val_batches and evaluate_now and (rank == 0 or procs.zero_stage == 3):   # ZeRO-3 gathers from every rank
-            val = {"step": step, "val": validation_loss(raw_model, val_batches, layout, cfg, device)}
-            if rank == 0:
-                val["val_ema"] = validation_loss(ema, val_batches, layout, cfg, device)   # the EMA is whole
-                progress.write(json.dumps(val))
-                log.write(json.dumps(val) + "\n")
-                for name in ("val", "val_ema"):
-                    board.add_scalar(f"{name}/mean", val[name]["mean"], step)
-                    for sigma, value in val[name]["per_sigma"].items():
-                        board.add_scalar(f"{name}/sigma_{sigma}", value, step)
-        if cfg.train.sample_model and rank == 0 and evaluate_now:
-            if conditioning is None:
-                from mmdit.loading import load_conditioning
-
-                with outside_zero3_init():
-                    text, vae = load_conditioning(cfg.train.sample_model, no_t5="t5" not in batch,
-                                                  t5_tokens=layout.t5_tokens)
-                conditioning = text.to(device), vae.to(device)
-            grid = sample_grid(ema, conditioning, cfg, side=x0.shape[-1] * conditioning[1].downsample)
-            board.add_image("samples/ema", grid, step, dataformats="HWC")
-            from PIL import Image
-
-            (out_dir / "samples").mkdir(exist_ok=True)
-            Image.fromarray(grid).save(out_dir / "samples" / f"step_{step:08d}.png")
+        if step % cfg.train.val_every == 0 or step == cfg.train.steps:
+            conditioning = evaluate(cfg, procs, state, val_batches, layout, conditioning, "t5" not in batch,
+                                    x0.shape[-1], (log, board, progress))
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             checkpoint(cfg, procs, state)
         stopping = stop["signal"] is not None

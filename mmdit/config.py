@@ -186,6 +186,9 @@ PRECISIONS = ("auto", "bf16", "fp32")   # auto: bf16 where it is faster here (mm
 SHARD_DTYPES = ("float16", "bfloat16")   # how shards store tensors (mmdit.shards)
 
 
+# A pipeline directory may carry its own sampling defaults in this file ({"cfg": 2.0}); diffusers ignores it.
+SAMPLING_DEFAULTS_FILE = "mmdit_sampling.json"
+
 @dataclass(frozen=True)
 class Settings:
     """Everything besides the prompt and seed that decides an image (written into each PNG): what sample.py and

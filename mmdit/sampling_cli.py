@@ -12,11 +12,10 @@ import re
 from pathlib import Path
 
 from mmdit.cli import UsageError, one_line
-from mmdit.config import SAMPLERS, Settings
+from mmdit.config import MAX_GUIDANCE, SAMPLERS, SAMPLING_DEFAULTS_FILE, Settings
 from mmdit.toy import BUNDLED_MODEL
 
 SD3_CFG = 7.0            # StableDiffusion3Pipeline's default guidance scale
-BUNDLED_MODEL_CFG = 2.0  # guidance darkens the toy model's colours and tints its background (README: toy world)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SEED_LIMIT = 2**63 - 2**32   # torch's generators take seeds below 2^64; image i uses seed + i, so leave room
 MAX_BATCH, MAX_T5_TOKENS = 1024, 512   # 512: the longest T5 sequence diffusers' SD3 pipeline accepts
@@ -46,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, seed: int, batch_size: int
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--steps", type=int, default=28, help="sampling steps")
     sampling.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale, 0 to 100; <= 1 "
-                          f"turns it off (default: {SD3_CFG} as diffusers, {BUNDLED_MODEL_CFG} for the bundled toy "
-                          f"model)")
+                          f"turns it off (default: the model folder's own, from its {SAMPLING_DEFAULTS_FILE}, as the "
+                          f"toy models carry; else {SD3_CFG} as diffusers)")
     sampling.add_argument("--shift", type=float, default=None, help="the schedule's shift, in (0, 100] (default: the "
                           "model's scheduler shift, 3.0 for SD3)")
     sampling.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
@@ -99,11 +98,30 @@ def settings_from(args: argparse.Namespace, shift: float | None, side: int) -> S
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
 
 
-def default_cfg(model) -> float:
-    """The guidance scale when none is given: the bundled toy model's own for it (model None or its folder), SD3's
-    for any other model."""
-    bundled = model is None or Path(model).expanduser().resolve() == BUNDLED_MODEL
-    return BUNDLED_MODEL_CFG if bundled else SD3_CFG
+def default_cfg(model, otherwise: float = SD3_CFG) -> float:
+    """The guidance scale when none is given: the one a pipeline folder recommends in its mmdit_sampling.json (the
+    toy pipelines do: guidance that suits SD3 darkens their colours), else `otherwise` (SD3's). model None: the
+    bundled model."""
+    import json
+
+    defaults = Path(BUNDLED_MODEL if model is None else model) / SAMPLING_DEFAULTS_FILE
+    if not defaults.is_file():
+        return otherwise
+    try:
+        recorded = json.loads(defaults.read_text())
+    except OSError as e:
+        raise UsageError(f"{defaults} cannot be read: {e.strerror}") from None
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{defaults} is not a JSON object like {{\"cfg\": 2.0}}")
+    unknown = sorted(set(recorded) - {"cfg"})
+    if unknown:
+        raise UsageError(f"{defaults}: unknown key {unknown[0]!r}; accepted: cfg")
+    cfg = recorded.get("cfg", SD3_CFG)
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_GUIDANCE:
+        raise UsageError(f"{defaults}: cfg must be a number in [0, {MAX_GUIDANCE}], got {cfg!r}")
+    return float(cfg)
 
 
 def device_and_dtype(args: argparse.Namespace):

@@ -179,6 +179,10 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
     sample.main(["--model", str(exported), "--prompt", "a photo of a red circle", "--steps", "2", "--no-t5",
                  "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
+    from mmdit.sampling_cli import default_cfg
+    from mmdit.toy.components import TOY_CFG
+
+    assert default_cfg(str(exported)) == TOY_CFG   # the recipe's export samples with the toy guidance by default
 
     from mmdit.eval.cli import main as geneval
 
@@ -203,7 +207,10 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
 
 
 def test_the_bundled_model_is_the_default_and_small(tmp_path):
-    from mmdit.sampling_cli import BUNDLED_MODEL, BUNDLED_MODEL_CFG, SD3_CFG, default_cfg
+    from mmdit.cli import UsageError
+    from mmdit.config import SAMPLING_DEFAULTS_FILE
+    from mmdit.sampling_cli import BUNDLED_MODEL, SD3_CFG, default_cfg
+    from mmdit.toy.components import TOY_CFG
 
     size = sum(f.stat().st_size for f in BUNDLED_MODEL.rglob("*") if f.is_file())
     assert (BUNDLED_MODEL / "model_index.json").is_file() and size < 20 * 2**20
@@ -212,10 +219,16 @@ def test_the_bundled_model_is_the_default_and_small(tmp_path):
     sample.main(["--prompt", "a photo of a red circle left of a blue square", "--no-t5",
                  "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
-    # Guidance defaults to the toy model's own scale for it, and to SD3's for any other model.
-    assert json.loads(Image.open(tmp_path / "a.png").text["parameters"])["cfg"] == BUNDLED_MODEL_CFG == 2.0
+    # Guidance defaults to what a model folder recommends (the toy pipelines: their own scale), else SD3's.
+    assert json.loads(Image.open(tmp_path / "a.png").text["parameters"])["cfg"] == TOY_CFG == 2.0
     assert default_cfg(None) == default_cfg(str(BUNDLED_MODEL) + "/") == 2.0
     assert default_cfg(tmp_path) == default_cfg("stabilityai/stable-diffusion-3.5-medium") == SD3_CFG == 7.0
+    for text, problem in (("[2]", "not a JSON object"), ('{"cfg": "high"}', "must be a number"),
+                          ('{"cfg": 1e400}', "must be a number"), ("{", "not a JSON object"),
+                          ('{"cfg": ' + "9" * 400 + "}", "must be a number"), ('{"cfgg": 2}', "unknown key 'cfgg'")):
+        (tmp_path / SAMPLING_DEFAULTS_FILE).write_text(text)
+        with pytest.raises(UsageError, match=problem):
+            default_cfg(tmp_path)
 
 
 def test_the_bundled_model_as_a_stability_single_file_draws_the_same(tmp_path):

@@ -6,6 +6,7 @@ They are built once (`data/make_toy.py world`) and shipped inside the bundled mo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -108,6 +109,7 @@ def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) 
 # an image token, so no more.
 TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 13, 12
 TOY_SHIFT = 1.0   # sampling shift: the paper's shift is 1 at 256^2 and grows with resolution; toy images are 64^2
+TOY_CFG = 2.0     # guidance: SD3's 7 darkens the toy models' colours and tints their background
 
 
 def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae_steps: int, tower_steps: int,
@@ -121,7 +123,7 @@ def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae
     import numpy as np
     from diffusers import StableDiffusion3Pipeline
 
-    from mmdit.config import model_preset
+    from mmdit.config import SAMPLING_DEFAULTS_FILE, model_preset
     from mmdit.toy.towers import train_towers
 
     torch.manual_seed(seed)
@@ -137,6 +139,7 @@ def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae
     StableDiffusion3Pipeline(**components).save_pretrained(path)
     for folder in ("tokenizer", "tokenizer_2"):
         slim_clip_tokenizer(path / folder)
+    (path / SAMPLING_DEFAULTS_FILE).write_text(json.dumps({"cfg": TOY_CFG}) + "\n")   # copied into every export
     return path
 
 

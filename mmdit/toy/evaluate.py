@@ -39,12 +39,13 @@ def attribute_scores(results: list[dict]) -> dict:
 
 
 def score_weights(weights: Path, components: Path, outdir: Path, samples_per_prompt: int, no_t5: bool,
-                  cfg: float = 2.0, steps: int = 28) -> dict:
+                  cfg: float | None = None, steps: int = 28) -> dict:
     """Toy GenEval of one MM-DiT (any format load_mmdit reads) inside the components' pipeline."""
     from mmdit.checkpoint import load_mmdit
     from mmdit.config import Settings
     from mmdit.eval.geneval import generate, score
     from mmdit.pipeline import SD3Pipeline
+    from mmdit.toy.components import TOY_CFG
     from mmdit.toy.detector import ToyDetector
 
     from mmdit.toy.world import evaluation_prompts
@@ -56,7 +57,8 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
 
     pipe = SD3Pipeline.load(components, no_t5=no_t5)
     pipe.transformer = load_mmdit(weights).eval()
-    settings = Settings(steps=steps, cfg=cfg, shift=pipe.shift, width=pipe.default_side, height=pipe.default_side)
+    settings = Settings(steps=steps, cfg=TOY_CFG if cfg is None else cfg, shift=pipe.shift, width=pipe.default_side,
+                        height=pipe.default_side)
     record = {"weights": str(weights), "weights_sha256": weights_digest(weights), "t5": not no_t5}
     # overwrite: images of these very weights and settings are kept (a rerun only scores again), others replaced
     generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
