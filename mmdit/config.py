@@ -189,6 +189,7 @@ SHARD_DTYPES = ("float16", "bfloat16")   # how shards store tensors (mmdit.shard
 # A pipeline directory may carry its own sampling defaults in this file ({"cfg": 2.0}); diffusers ignores it.
 SAMPLING_DEFAULTS_FILE = "mmdit_sampling.json"
 
+
 @dataclass(frozen=True)
 class Settings:
     """Everything besides the prompt and seed that decides an image (written into each PNG): what sample.py and

@@ -118,7 +118,7 @@ def default_cfg(model, otherwise: float = SD3_CFG) -> float:
     unknown = sorted(set(recorded) - {"cfg"})
     if unknown:
         raise UsageError(f"{defaults}: unknown key {unknown[0]!r}; accepted: cfg")
-    cfg = recorded.get("cfg", SD3_CFG)
+    cfg = recorded.get("cfg", otherwise)
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_GUIDANCE:
         raise UsageError(f"{defaults}: cfg must be a number in [0, {MAX_GUIDANCE}], got {cfg!r}")
     return float(cfg)

@@ -223,6 +223,11 @@ def test_the_bundled_model_is_the_default_and_small(tmp_path):
     assert json.loads(Image.open(tmp_path / "a.png").text["parameters"])["cfg"] == TOY_CFG == 2.0
     assert default_cfg(None) == default_cfg(str(BUNDLED_MODEL) + "/") == 2.0
     assert default_cfg(tmp_path) == default_cfg("stabilityai/stable-diffusion-3.5-medium") == SD3_CFG == 7.0
+    assert default_cfg(tmp_path, otherwise=5.0) == 5.0   # train.py's sample grid: its own fallback
+    (tmp_path / SAMPLING_DEFAULTS_FILE).write_text("{}")
+    assert default_cfg(tmp_path, otherwise=5.0) == 5.0 and default_cfg(tmp_path) == SD3_CFG
+    (tmp_path / SAMPLING_DEFAULTS_FILE).write_text('{"cfg": 3}')
+    assert default_cfg(tmp_path) == 3.0
     for text, problem in (("[2]", "not a JSON object"), ('{"cfg": "high"}', "must be a number"),
                           ('{"cfg": 1e400}', "must be a number"), ("{", "not a JSON object"),
                           ('{"cfg": ' + "9" * 400 + "}", "must be a number"), ('{"cfgg": 2}', "unknown key 'cfgg'")):
