@@ -114,6 +114,17 @@ def test_bad_recipe_fails_before_compute(shard_dir, tmp_path, capsys, extra, mat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_sample_model_defaults_file_fails_before_compute(shard_dir, tmp_path, capsys):
+    """train.sample_model's mmdit_sampling.json is read at the first sample grid, hours in: it is checked first."""
+    model = tmp_path / "pipeline"
+    model.mkdir()
+    (model / "mmdit_sampling.json").write_text('{"cfg": "strong"}')
+    with pytest.raises(SystemExit) as err:
+        train_cli.main(args(shard_dir, tmp_path / "run", f"train.sample_model={model}"))
+    assert err.value.code == 2 and "cfg must be a number" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_non_finite_losses_stop_the_run(shard_dir, tmp_path, capsys):
     # A learning rate of inf blows the weights up after the first step: every later loss is non-finite.
     with pytest.raises(SystemExit) as err:
