@@ -4,6 +4,8 @@
     python3 data/make_toy.py world --out runs/toy/world --components bundled   # images; the shipped components
     python3 data/make_toy.py prompts --out data/toy_geneval.jsonl
     python3 data/make_toy.py bundle runs/toy/export/pipeline   # the trained pipeline -> the bundled default model
+    python3 data/make_toy.py decoder mmdit/toy_pipeline --images runs/toy/world/images/train   # the VAE decoder's
+                                                               # second phase on a built pipeline; latents stay
 
 `world` writes OUT/images/train/NNNNN.tar and OUT/images/val/NNNNN.tar (KEY.png, KEY.txt, KEY.json, as
 img2dataset writes them, so data/precompute.py reads them like real data) and OUT/pipeline, a diffusers SD3
@@ -34,6 +36,9 @@ def parse_args(argv=None):
     add_world_arguments(sub.add_parser("world", help="toy images and the toy pipeline's components"))
     q = sub.add_parser("prompts", help="the toy GenEval prompt file (held-out prompts marked)")
     q.add_argument("--out", required=True, help="the JSONL file to write")
+    from mmdit.toy.prepare import add_decoder_arguments
+
+    add_decoder_arguments(sub.add_parser("decoder", help="the VAE decoder's second phase on a toy pipeline"))
     b = sub.add_parser("bundle", help="copy a trained toy pipeline, in float16, to the bundled default model")
     b.add_argument("pipeline", help="a trained toy pipeline (train.py's runs/toy/export/pipeline)")
     b.add_argument("--to", default=str(BUNDLED), help="where the bundle goes")
@@ -83,6 +88,13 @@ def main(argv=None):
         prompts = evaluation_prompts()
         Path(args.out).write_text("".join(json.dumps(p) + "\n" for p in prompts))
         print(f"{len(prompts)} prompts -> {args.out}", file=sys.stderr)
+    elif args.command == "decoder":
+        from mmdit.toy.prepare import mend_pipeline_decoder
+
+        try:
+            mend_pipeline_decoder(args)
+        except ValueError as e:
+            fail(PROG, str(e))
     else:
         bundle(args)
 

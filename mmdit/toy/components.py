@@ -41,7 +41,7 @@ def latent_cuts(n: int, side: int, rng) -> torch.Tensor:
 
 def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-6,
               object_weight: float = 20.0, locality_weight: float = 0.1, compute_dtype: torch.dtype | None = None,
-              seed: int = 0, progress=None):
+              seed: int = 0, progress=None, decoder_only: bool = False):
     """Reconstruction (L1 + L2, objects weighted up) plus a small KL, on whole images ((N, H, W, 3) uint8), with
     a locality term; compute_dtype: an autocast dtype (the caller's choice; master weights stay fp32).
 
@@ -52,14 +52,18 @@ def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl
     model assembles region by region decoded to texture all over the picture.
 
     Afterwards the latent factors are set from the data, as SD3's were: shift = mean and scaling = 1 / std of the
-    posterior means."""
+    posterior means.
+
+    decoder_only: the encoder (and so every latent, the factors and whatever was trained on them) stays as it is;
+    only the decoder learns, from the same reconstruction and splice targets."""
     import numpy as np
 
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     data = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.encoder.requires_grad_(not decoder_only)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     B = batch_size
     vae.train()
@@ -67,14 +71,17 @@ def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl
         x = data[rng.integers(0, len(data), B)].float() / 127.5 - 1
         cut = latent_cuts(B, x.shape[-1] // factor, rng)
         spliced = _splice(x, cut.repeat_interleave(factor, -1).repeat_interleave(factor, -2))
-        with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None):
-            posterior = vae.encode(torch.cat([x, spliced])).latent_dist
+        with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None), \
+                torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(x if decoder_only else torch.cat([x, spliced])).latent_dist
             z = posterior.mean   # the mean, as sampling uses it: sampling noise slows learning
             target_z = _splice(z[:B], cut)
+        with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None):
             recon = vae.decode(torch.cat([z[:B], target_z])).sample.float()
         loss = _weighted_error(recon, torch.cat([x, spliced]), object_weight)
-        loss = loss + kl_weight * posterior.kl().mean()
-        loss = loss + locality_weight * ((z[B:].float() - target_z.float()) ** 2).mean() / (z[:B].detach().var() + 1e-6)
+        if not decoder_only:
+            loss = loss + kl_weight * posterior.kl().mean()
+            loss = loss + locality_weight * ((z[B:].float() - target_z.float()) ** 2).mean() / (z[:B].detach().var() + 1e-6)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -82,6 +89,9 @@ def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl
         if progress:
             progress(step, loss.item())
     vae.eval()
+    vae.encoder.requires_grad_(True)
+    if decoder_only:
+        return vae
     with torch.no_grad():
         sample = data[torch.randperm(len(data), generator=g)[:64]].float() / 127.5 - 1
         z = vae.encode(sample).latent_dist.mean
@@ -104,6 +114,18 @@ def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) 
     return (error * weight).sum() / (weight.sum() * 3)
 
 
+# The decoder's second phase (train_vae with decoder_only): the first phase weights objects up, or the decoder stays
+# at blurry blobs; left there, it decodes backgrounds with a dark top-left mark and tinted halos. A second phase on
+# every training image, objects weighted far less, removes most of both and leaves the latents as they were.
+DECODER_PHASE = {"lr": 1e-3, "object_weight": 5.0}
+
+
+def mend_decoder(vae, images, steps: int, seed: int = 0, compute_dtype: torch.dtype | None = None, progress=None):
+    """The decoder's second phase on images ((N, H, W, 3) uint8): the encoder, the latents and their factors stay."""
+    return train_vae(vae, images, steps, seed=seed, compute_dtype=compute_dtype, progress=progress,
+                     decoder_only=True, **DECODER_PHASE)
+
+
 # The longest toy prompt ("a photo of a red circle left of a blue square", the README's) is 11 tokens for either
 # tokenizer: CLIP needs 13 with its BOS and EOS, T5 12 with its EOS. Every text token costs the MM-DiT as much as
 # an image token, so no more.
@@ -114,9 +136,9 @@ TOY_CFG = 2.0     # guidance: SD3's 7 darkens the toy models' colours and tints 
 
 def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae_steps: int, tower_steps: int,
                       vae_images: int | None = None, seed: int = 0, compute_dtype: torch.dtype | None = None,
-                      progress=None) -> Path:
+                      progress=None, decoder_steps: int = 0) -> Path:
     """The toy world's SD3 pipeline, untrained MM-DiT: a VAE trained on the first vae_images of images ((N, H, W,
-    3) uint8); CLIP-L / CLIP-G
+    3) uint8), then its decoder alone on all of them for decoder_steps (mend_decoder); CLIP-L / CLIP-G
     towers (width 32, the real CLIP tokenizer) and T5 (a SentencePiece tokenizer trained on corpus) trained against
     the images and their scenes' metadata (mmdit.toy.towers); the "toy" MM-DiT preset; written as a diffusers
     StableDiffusion3Pipeline directory. progress(stage, step, losses)."""
@@ -130,6 +152,9 @@ def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae
     vae = train_vae(toy_vae(np.asarray(images).shape[1]), images[:vae_images], vae_steps, seed=seed,
                     compute_dtype=compute_dtype,
                     progress=(lambda step, loss: progress("vae", step, {"loss": loss})) if progress else None)
+    if decoder_steps:
+        mend_decoder(vae, images, decoder_steps, seed=seed + 1, compute_dtype=compute_dtype,
+                     progress=(lambda step, loss: progress("decoder", step, {"loss": loss})) if progress else None)
     components = tiny_components(seed, corpus=corpus, clip_tokens=TOY_CLIP_TOKENS, t5_tokens=TOY_T5_TOKENS, vae=vae,
                                  mmdit_config=model_preset("toy"), clip_widths=TOY_CLIP_WIDTHS, shift=TOY_SHIFT)
     if tower_steps:

@@ -11,6 +11,7 @@ bundled model's, whose MM-DiT comes along and is replaced by whatever a recipe t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -21,7 +22,8 @@ from mmdit.config import PRECISIONS
 from mmdit.toy import world
 
 
-COMPONENT_TRAINING = {"vae_steps": 1000, "vae_images": 2000, "tower_steps": 1500}   # the defaults of these flags
+COMPONENT_TRAINING = {"vae_steps": 1000, "vae_images": 2000, "decoder_steps": 3500,   # the defaults of these flags
+                      "tower_steps": 1500}
 
 
 def add_world_arguments(parser: argparse.ArgumentParser):
@@ -37,6 +39,8 @@ def add_world_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--vae-images", type=int, default=COMPONENT_TRAINING["vae_images"],
                         help="training images the VAE sees (the towers see "
                         "all)")
+    parser.add_argument("--decoder-steps", type=int, default=COMPONENT_TRAINING["decoder_steps"],
+                        help="steps of the VAE decoder's second phase, on every training image (0: none)")
     parser.add_argument("--tower-steps", type=int, default=COMPONENT_TRAINING["tower_steps"],
                         help="text tower training steps (0: random towers)")
     parser.add_argument("--vae-precision", choices=PRECISIONS, default="auto",
@@ -48,8 +52,9 @@ def check_world_arguments(args: argparse.Namespace):
     for name in ("train_samples", "val_samples", "vae_steps", "vae_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.tower_steps < 0:
-        raise ValueError(f"--tower-steps must be >= 0, got {args.tower_steps}")
+    for name in ("decoder_steps", "tower_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     given = [f"--{k.replace('_', '-')}" for k, default in COMPONENT_TRAINING.items() if getattr(args, k) != default]
     if args.components is not None and given:
         raise ValueError(f"{', '.join(given)} train components, which --components {args.components} replaces; "
@@ -95,6 +100,7 @@ def build_world(args: argparse.Namespace) -> Path:
             metadata.append(record["metadata"])
         precision = choose_precision(args.vae_precision, "cpu")
         bars = {"vae": tqdm(total=args.vae_steps, desc=f"toy VAE ({precision})", disable=None),
+                "decoder": tqdm(total=args.decoder_steps, desc=f"toy VAE decoder ({precision})", disable=None),
                 "towers": tqdm(total=args.tower_steps, desc="toy text towers", disable=None)}
 
         def progress(stage, step, losses):
@@ -104,12 +110,72 @@ def build_world(args: argparse.Namespace) -> Path:
 
         save_toy_pipeline(tmp, np.stack(images), metadata, world.caption_corpus(seed=args.seed), args.vae_steps,
                           args.tower_steps, vae_images=args.vae_images, seed=args.seed,
-                          compute_dtype=torch.bfloat16 if precision == "bf16" else None, progress=progress)
+                          compute_dtype=torch.bfloat16 if precision == "bf16" else None, progress=progress,
+                          decoder_steps=args.decoder_steps)
         for bar in bars.values():
             bar.close()
     os.replace(tmp, pipeline)
     print(f"toy world in {out} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return pipeline
+
+
+def add_decoder_arguments(parser: argparse.ArgumentParser):
+    """`data/make_toy.py decoder`: the VAE decoder's second phase on an existing toy pipeline."""
+    parser.add_argument("pipeline", help="a toy pipeline directory (its vae/ is rewritten; the rest stays)")
+    parser.add_argument("--images", required=True, help="the world's training tars (OUT/images/train of `world`)")
+    parser.add_argument("--steps", type=int, default=COMPONENT_TRAINING["decoder_steps"], help="decoder steps")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast dtype (auto: bf16 where it is faster here)")
+    parser.add_argument("--seed", type=int, default=1, help="the phase's draws (the world build uses its seed + 1)")
+
+
+def mend_pipeline_decoder(args: argparse.Namespace):
+    """Train the decoder of args.pipeline's VAE alone (mmdit.toy.components.mend_decoder) and write it back in the
+    dtype it was stored in, replacing vae/ whole only when done. The encoder, and so every latent and every shard and
+    MM-DiT made from them, stays the same. ValueError before any work for bad arguments."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    from mmdit.precision import choose_precision
+    from mmdit.toy.components import mend_decoder
+
+    folder = Path(args.pipeline) / "vae"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not weights:
+        raise ValueError(f"{args.pipeline} has no vae/ with config.json and safetensors weights; accepted: a toy "
+                         f"pipeline directory (data/make_toy.py world or bundle wrote it)")
+    tars = sorted(Path(args.images).glob("*.tar"))
+    if not tars:
+        raise ValueError(f"--images {args.images}: no .tar files; accepted: OUT/images/train of data/make_toy.py world")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    started = time.perf_counter()
+    with safe_open(str(weights[0]), "pt") as f:
+        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
+    images = np.stack([image for image, _ in world.read_dataset(tars)])
+    precision = choose_precision(args.precision, "cpu")
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+    with tqdm(total=args.steps, desc=f"toy VAE decoder ({precision})", disable=None) as bar:
+        mend_decoder(vae, images, args.steps, seed=args.seed,
+                     compute_dtype=torch.bfloat16 if precision == "bf16" else None,
+                     progress=lambda step, loss: bar.update(1))
+    tmp = folder.with_name(".vae.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.to(torch.float16 if stored == "F16" else torch.bfloat16 if stored == "BF16" else torch.float32)
+    vae.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    if config.pop("_name_or_path", None) is not None:   # where it was read from: not a fact about the weights
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    old = folder.with_name(".vae.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old)
+    print(f"mended the decoder of {folder} on {len(images)} images, {args.steps} steps ({precision}, "
+          f"{time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
 
 def prepare(shards: str, val_shards: str, prepare_args: list[str], device):
