@@ -107,11 +107,12 @@ def scheduler_shift(path) -> float:
     return float(json.loads(scheduler.read_text()).get("shift", SD3_SHIFT)) if scheduler.is_file() else SD3_SHIFT
 
 
-def weights_digest(path) -> str:
-    """sha256 of the MM-DiT's weights (a pipeline's transformer/*.safetensors, or the single file): what a score
-    or an image was made with. Reads every byte, so it takes as long as reading the file once."""
+def weights_digest(path, component: str = "transformer") -> str:
+    """sha256 of a pipeline directory's component weights (its COMPONENT/*.safetensors: the MM-DiT by default,
+    "vae" for the decoder that draws the pixels), or of a single file: what a score or an image was made with.
+    Reads every byte, so it takes as long as reading the files once."""
     path = Path(path)
-    files = sorted((path / "transformer").glob("*.safetensors")) if path.is_dir() else [path]
+    files = sorted((path / component).glob("*.safetensors")) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for f in files:
         with open(f, "rb") as stream:

@@ -385,6 +385,25 @@ def test_the_bundled_vae_decodes_a_plain_background_without_a_corner_mark():
     assert error.max() < 48 and error[:8, :8].mean() < 10 and error[24:40, 24:40].mean() < 3
 
 
+def test_toy_geneval_images_are_kept_only_for_the_same_weights_and_components(toy_pipeline, tmp_path):
+    """A rerun of the toy GenEval keeps earlier images only when they were made with the same MM-DiT and the same
+    components: a pipeline whose VAE was mended draws other pictures from the same MM-DiT."""
+    import shutil
+
+    from mmdit.toy.evaluate import made_with
+
+    components = tmp_path / "components"
+    shutil.copytree(toy_pipeline, components)
+    weights = components / "transformer" / "diffusion_pytorch_model.safetensors"
+    first = made_with(weights, components, no_t5=False)
+    assert made_with(weights, components, no_t5=False) == first
+    assert set(first["components"]) >= {"vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"}
+    vae = components / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[:-1] + bytes([vae.read_bytes()[-1] ^ 1]))
+    assert made_with(weights, components, no_t5=False)["components"]["vae"] != first["components"]["vae"]
+    assert made_with(weights, components, no_t5=False)["weights_sha256"] == first["weights_sha256"]
+
+
 def test_make_toy_decoder_mends_a_pipelines_decoder_and_keeps_its_latents(tmp_path, capsys):
     """`data/make_toy.py decoder` trains a built pipeline's VAE decoder in place, in the dtype it was stored in; the
     encoder (every latent) stays bit for bit. Bad input is one line and exit 2, with nothing written."""

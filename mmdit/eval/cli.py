@@ -128,8 +128,9 @@ def run_generate(args, rank: int, world_size: int):
 
     from mmdit.loading import resolve_model, weights_digest
 
-    record = {**sampling_cli.run_record(args, pipe, settings, dtype),
-              "model_sha256": weights_digest(resolve_model(args.model, args.no_t5))}
+    model = resolve_model(args.model, args.no_t5)
+    record = {**sampling_cli.run_record(args, pipe, settings, dtype), "model_sha256": weights_digest(model),
+              "vae_sha256": weights_digest(model, "vae")}   # a model directory given another VAE draws anew
     made = generate(args.metadata, args.outdir, pipe, settings, samples_per_prompt=args.samples_per_prompt,
                     seed=args.seed, batch_size=args.batch_size, record=record, rank=rank, world_size=world_size,
                     overwrite=args.overwrite, grid=args.grid,

@@ -53,18 +53,26 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     prompts = outdir.with_name("toy_geneval.jsonl")   # the same prompts as data/toy_geneval.jsonl (tested)
     prompts.parent.mkdir(parents=True, exist_ok=True)
     prompts.write_text("".join(json.dumps(p) + "\n" for p in evaluation_prompts()))
-    from mmdit.loading import weights_digest
-
     pipe = SD3Pipeline.load(components, no_t5=no_t5)
     pipe.transformer = load_mmdit(weights).eval()
     settings = Settings(steps=steps, cfg=TOY_CFG if cfg is None else cfg, shift=pipe.shift, width=pipe.default_side,
                         height=pipe.default_side)
-    record = {"weights": str(weights), "weights_sha256": weights_digest(weights), "t5": not no_t5}
+    record = made_with(weights, components, no_t5)
     # overwrite: images of these very weights and settings are kept (a rerun only scores again), others replaced
     generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
              record=record, overwrite=True)
     results = score(outdir, ToyDetector(), outdir / "results.jsonl")
     return attribute_scores([json.loads(line) for line in results.read_text().splitlines()])
+
+
+def made_with(weights, components, no_t5: bool) -> dict:
+    """What a toy GenEval image depends on, beyond the sampling settings: the MM-DiT's weights and every component's
+    (the same MM-DiT with another VAE or other towers draws other images, so its kept images must not be reused)."""
+    from mmdit.loading import weights_digest
+
+    parts = sorted(f.name for f in Path(components).iterdir() if f.is_dir() and any(f.glob("*.safetensors")))
+    return {"weights": str(weights), "weights_sha256": weights_digest(weights), "t5": not no_t5,
+            "components": {part: weights_digest(components, part) for part in parts}}
 
 
 def plot_curve(rows: list[dict], path: Path, width: int = 640, height: int = 400):
