@@ -89,12 +89,13 @@ def main(argv=None):
         Path(args.out).write_text("".join(json.dumps(p) + "\n" for p in prompts))
         print(f"{len(prompts)} prompts -> {args.out}", file=sys.stderr)
     elif args.command == "decoder":
-        from mmdit.toy.prepare import mend_pipeline_decoder
+        from mmdit.toy.prepare import check_decoder_arguments, mend_pipeline_decoder
 
         try:
-            mend_pipeline_decoder(args)
+            checked = check_decoder_arguments(args)
         except ValueError as e:
             fail(PROG, str(e))
+        mend_pipeline_decoder(args, *checked)
     else:
         bundle(args)
 

@@ -107,12 +107,26 @@ def scheduler_shift(path) -> float:
     return float(json.loads(scheduler.read_text()).get("shift", SD3_SHIFT)) if scheduler.is_file() else SD3_SHIFT
 
 
-def weights_digest(path, component: str = "transformer") -> str:
-    """sha256 of a pipeline directory's component weights (its COMPONENT/*.safetensors: the MM-DiT by default,
-    "vae" for the decoder that draws the pixels), or of a single file: what a score or an image was made with.
-    Reads every byte, so it takes as long as reading the files once."""
+def component_digests(path, skip: tuple[str, ...] = ("transformer",)) -> dict[str, str]:
+    """{component: weights_digest} for every component with weights that a pipeline directory's model_index.json
+    names, but those in skip; {} for a single file (its weights_digest covers it): with the MM-DiT's digest, what
+    an image was made with (the same MM-DiT beside another VAE or other encoders draws other images)."""
     path = Path(path)
-    files = sorted((path / component).glob("*.safetensors")) if path.is_dir() else [path]
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    names = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and k not in skip]
+    return {name: weights_digest(path, name) for name in sorted(names)
+            if any(f.suffix in (".safetensors", ".bin") for f in (path / name).glob("*"))}
+
+
+def weights_digest(path, component: str = "transformer") -> str:
+    """sha256 of a pipeline directory's component weights (its COMPONENT/*.safetensors, or *.bin where it has no
+    safetensors: the MM-DiT by default), or of a single file: what a score or an image was made with. Reads every
+    byte, so it takes as long as reading the files once."""
+    path = Path(path)
+    folder = path / component
+    files = (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for f in files:
         with open(f, "rb") as stream:

@@ -62,34 +62,39 @@ def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl
     rng = np.random.default_rng(seed)
     data = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    frozen = {p: p.requires_grad for p in vae.encoder.parameters()}   # handed back as they came
     vae.encoder.requires_grad_(not decoder_only)
-    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
-    B = batch_size
-    vae.train()
-    for step in range(steps):
-        x = data[rng.integers(0, len(data), B)].float() / 127.5 - 1
-        cut = latent_cuts(B, x.shape[-1] // factor, rng)
-        spliced = _splice(x, cut.repeat_interleave(factor, -1).repeat_interleave(factor, -2))
-        with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None), \
-                torch.set_grad_enabled(not decoder_only):
-            posterior = vae.encode(x if decoder_only else torch.cat([x, spliced])).latent_dist
-            z = posterior.mean   # the mean, as sampling uses it: sampling noise slows learning
-            target_z = _splice(z[:B], cut)
-        with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None):
-            recon = vae.decode(torch.cat([z[:B], target_z])).sample.float()
-        loss = _weighted_error(recon, torch.cat([x, spliced]), object_weight)
-        if not decoder_only:
-            loss = loss + kl_weight * posterior.kl().mean()
-            loss = loss + locality_weight * ((z[B:].float() - target_z.float()) ** 2).mean() / (z[:B].detach().var() + 1e-6)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if progress:
-            progress(step, loss.item())
-    vae.eval()
-    vae.encoder.requires_grad_(True)
+    try:
+        optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+        B = batch_size
+        vae.train()
+        for step in range(steps):
+            x = data[rng.integers(0, len(data), B)].float() / 127.5 - 1
+            cut = latent_cuts(B, x.shape[-1] // factor, rng)
+            spliced = _splice(x, cut.repeat_interleave(factor, -1).repeat_interleave(factor, -2))
+            with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None), \
+                    torch.set_grad_enabled(not decoder_only):
+                posterior = vae.encode(x if decoder_only else torch.cat([x, spliced])).latent_dist
+                z = posterior.mean   # the mean, as sampling uses it: sampling noise slows learning
+                target_z = _splice(z[:B], cut)
+            with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None):
+                recon = vae.decode(torch.cat([z[:B], target_z])).sample.float()
+            loss = _weighted_error(recon, torch.cat([x, spliced]), object_weight)
+            if not decoder_only:
+                loss = loss + kl_weight * posterior.kl().mean()
+                spread = z[:B].detach().var() + 1e-6
+                loss = loss + locality_weight * ((z[B:].float() - target_z.float()) ** 2).mean() / spread
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if progress:
+                progress(step, loss.item())
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        vae.eval()
     if decoder_only:
         return vae
     with torch.no_grad():

@@ -68,11 +68,11 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
 def made_with(weights, components, no_t5: bool) -> dict:
     """What a toy GenEval image depends on, beyond the sampling settings: the MM-DiT's weights and every component's
     (the same MM-DiT with another VAE or other towers draws other images, so its kept images must not be reused)."""
-    from mmdit.loading import weights_digest
+    from mmdit.loading import component_digests, weights_digest
 
-    parts = sorted(f.name for f in Path(components).iterdir() if f.is_dir() and any(f.glob("*.safetensors")))
+    skip = ("transformer", "text_encoder_3") if no_t5 else ("transformer",)   # replaced by weights; unused
     return {"weights": str(weights), "weights_sha256": weights_digest(weights), "t5": not no_t5,
-            "components": {part: weights_digest(components, part) for part in parts}}
+            "components": component_digests(components, skip)}
 
 
 def plot_curve(rows: list[dict], path: Path, width: int = 640, height: int = 400):

@@ -121,7 +121,8 @@ def build_world(args: argparse.Namespace) -> Path:
 
 def add_decoder_arguments(parser: argparse.ArgumentParser):
     """`data/make_toy.py decoder`: the VAE decoder's second phase on an existing toy pipeline."""
-    parser.add_argument("pipeline", help="a toy pipeline directory (its vae/ is rewritten; the rest stays)")
+    parser.add_argument("pipeline", help="a toy pipeline directory (its VAE's weights file is rewritten; the rest "
+                        "stays)")
     parser.add_argument("--images", required=True, help="the world's training tars (OUT/images/train of `world`)")
     parser.add_argument("--steps", type=int, default=COMPONENT_TRAINING["decoder_steps"], help="decoder steps")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -129,52 +130,65 @@ def add_decoder_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=1, help="the phase's draws (the world build uses its seed + 1)")
 
 
-def mend_pipeline_decoder(args: argparse.Namespace):
-    """Train the decoder of args.pipeline's VAE alone (mmdit.toy.components.mend_decoder) and write it back in the
-    dtype it was stored in, replacing vae/ whole only when done. The encoder, and so every latent and every shard and
-    MM-DiT made from them, stays the same. ValueError before any work for bad arguments."""
+STORED_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}   # safetensors' names of what a VAE is kept in
+
+
+def check_decoder_arguments(args: argparse.Namespace) -> tuple[Path, str, list]:
+    """Everything `data/make_toy.py decoder` needs, checked before any work: (the VAE's weights file, the dtype it
+    is stored in, the training images). ValueError naming what is wrong and what is accepted."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = Path(args.pipeline) / "vae" / "diffusion_pytorch_model.safetensors"
+    config = weights.with_name("config.json")
+    if not config.is_file() or not weights.is_file():
+        raise ValueError(f"{args.pipeline} has no vae/ with config.json and diffusion_pytorch_model.safetensors; "
+                         f"accepted: a toy pipeline directory (data/make_toy.py world or bundle wrote it)")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is unreadable ({str(e).splitlines()[0]})") from None
+    if len(stored) != 1 or not stored <= set(STORED_DTYPES):
+        raise ValueError(f"{weights} holds {', '.join(sorted(stored))} tensors; accepted: one of "
+                         f"{', '.join(STORED_DTYPES.values())} throughout")
+    tars = sorted(Path(args.images).glob("*.tar"))
+    images = [image for image, _ in world.read_dataset(tars)] if tars else []
+    side = json.loads(config.read_text()).get("sample_size")
+    if not images:
+        raise ValueError(f"--images {args.images}: no pictures in .tar files; accepted: OUT/images/train of "
+                         f"data/make_toy.py world (KEY.png + KEY.json)")
+    if any(image.shape != (side, side, 3) for image in images):
+        raise ValueError(f"--images {args.images}: pictures must be {side}x{side} RGB, the VAE's sample_size")
+    return weights, STORED_DTYPES[stored.pop()], images
+
+
+def mend_pipeline_decoder(args: argparse.Namespace, weights: Path, stored: str, images: list):
+    """Train the decoder of args.pipeline's VAE alone (mmdit.toy.components.mend_decoder) and write its weights
+    back, in the dtype they were stored in, by one atomic rename (the config does not change). The encoder, and so
+    every latent and every shard and MM-DiT made from them, stays the same."""
     import numpy as np
     import torch
     from diffusers import AutoencoderKL
-    from safetensors import safe_open
     from tqdm import tqdm
 
+    from mmdit.checkpoint import atomic_save_file
     from mmdit.precision import choose_precision
     from mmdit.toy.components import mend_decoder
 
-    folder = Path(args.pipeline) / "vae"
-    weights = sorted(folder.glob("*.safetensors"))
-    if not (folder / "config.json").is_file() or not weights:
-        raise ValueError(f"{args.pipeline} has no vae/ with config.json and safetensors weights; accepted: a toy "
-                         f"pipeline directory (data/make_toy.py world or bundle wrote it)")
-    tars = sorted(Path(args.images).glob("*.tar"))
-    if not tars:
-        raise ValueError(f"--images {args.images}: no .tar files; accepted: OUT/images/train of data/make_toy.py world")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     started = time.perf_counter()
-    with safe_open(str(weights[0]), "pt") as f:
-        stored = f.get_slice(next(iter(f.keys()))).get_dtype()
-    images = np.stack([image for image, _ in world.read_dataset(tars)])
     precision = choose_precision(args.precision, "cpu")
-    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(weights.parent, torch_dtype=torch.float32)
     with tqdm(total=args.steps, desc=f"toy VAE decoder ({precision})", disable=None) as bar:
-        mend_decoder(vae, images, args.steps, seed=args.seed,
+        mend_decoder(vae, np.stack(images), args.steps, seed=args.seed,
                      compute_dtype=torch.bfloat16 if precision == "bf16" else None,
                      progress=lambda step, loss: bar.update(1))
-    tmp = folder.with_name(".vae.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.to(torch.float16 if stored == "F16" else torch.bfloat16 if stored == "BF16" else torch.float32)
-    vae.save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
-    if config.pop("_name_or_path", None) is not None:   # where it was read from: not a fact about the weights
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    old = folder.with_name(".vae.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old)
-    print(f"mended the decoder of {folder} on {len(images)} images, {args.steps} steps ({precision}, "
+    dtype = getattr(torch, stored)
+    atomic_save_file(weights, {k: v.to(dtype) for k, v in vae.state_dict().items()}, {"format": "pt"})
+    print(f"mended the decoder of {weights.parent} on {len(images)} images, {args.steps} steps ({precision}, "
           f"{time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
 
