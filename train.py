@@ -89,6 +89,18 @@ def end_together(accelerator):
         torch.distributed.destroy_process_group()
 
 
+def leave(code: int):
+    """Exit with `code` once main has returned (its logs, TensorBoard writer and data loaders closed or released).
+    Several processes skip the interpreter's teardown: now and then a rank aborted there ("terminate called
+    without an active exception", a C++ thread destroyed while joinable, under gloo), failing a run whose work was
+    complete."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def choose_engine(recipe_deepspeed: str, world: int, env) -> tuple[str, str | None]:
     """How this launch trains: ("deepspeed", its config file, or None for the launcher's --zero_stage flags),
     ("ddp", None) or ("single", None). What `accelerate launch` says wins: its --use_deepspeed (with or without
@@ -709,6 +721,9 @@ def main(argv=None):
         if stopping:
             folder = checkpoint(cfg, procs, state)
             print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
+            progress.close()
+            if board is not None:
+                board.close()
             end_together(accelerator)
             return 0
     progress.close()
@@ -721,4 +736,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as e:   # fail(): its line is printed; the exit code still goes through leave
+        if not isinstance(e.code, int):
+            raise
+        exit_code = e.code
+    leave(exit_code)
