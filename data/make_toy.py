@@ -53,6 +53,11 @@ def bundle(args):
     source, target = Path(args.pipeline), Path(args.to)
     if not (source / "model_index.json").is_file():
         fail(PROG, f"{source} is not a diffusers pipeline directory (no model_index.json)")
+    from mmdit.config import SAMPLING_DEFAULTS_FILE
+
+    if not (source / SAMPLING_DEFAULTS_FILE).is_file():   # without it the default model would sample at SD3's CFG
+        fail(PROG, f"{source} has no {SAMPLING_DEFAULTS_FILE} (the toy's sampling defaults; every toy pipeline "
+                   f"carries one: copy it from {BUNDLED})")
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)

@@ -241,6 +241,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         make_toy.main(["bundle", str(tmp_path), "--to", str(tmp_path / "out")])
     assert e.value.code == 2 and "is not a diffusers pipeline directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        make_toy.main(["bundle", str(tmp_path), "--to", str(tmp_path / "out")])
+    assert e.value.code == 2 and "has no mmdit_sampling.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as e:
         make_toy.main(["world", "--out", str(tmp_path / "world"), "--vae-images", "0"])
     assert e.value.code == 2 and "--vae-images must be >= 1, got 0" in capsys.readouterr().err
