@@ -107,14 +107,16 @@ def scheduler_shift(path) -> float:
     return float(json.loads(scheduler.read_text()).get("shift", SD3_SHIFT)) if scheduler.is_file() else SD3_SHIFT
 
 
-def component_digests(path, skip: tuple[str, ...] = ("transformer",)) -> dict[str, str]:
+def component_digests(path, no_t5: bool = False) -> dict[str, str]:
     """{component: weights_digest} for every component with weights that a pipeline directory's model_index.json
-    names, but those in skip; {} for a single file (its weights_digest covers it): with the MM-DiT's digest, what
-    an image was made with (the same MM-DiT beside another VAE or other encoders draws other images)."""
+    names but the MM-DiT (weights_digest's own) and, when no_t5, T5 (not used); {} for a single file (its
+    weights_digest covers it): with the MM-DiT's digest, what an image was made with (the same MM-DiT beside another
+    VAE or other encoders draws other images)."""
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
         return {}
+    skip = {"transformer", "text_encoder_3"} if no_t5 else {"transformer"}
     names = [k for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and k not in skip]
     return {name: weights_digest(path, name) for name in sorted(names)
             if any(f.suffix in (".safetensors", ".bin") for f in (path / name).glob("*"))}

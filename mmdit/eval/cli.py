@@ -130,8 +130,7 @@ def run_generate(args, rank: int, world_size: int):
 
     model = resolve_model(args.model, args.no_t5)
     record = {**sampling_cli.run_record(args, pipe, settings, dtype), "model_sha256": weights_digest(model),
-              "components_sha256": component_digests(model, ("transformer", "text_encoder_3") if args.no_t5
-                                                     else ("transformer",)),
+              "components_sha256": component_digests(model, args.no_t5),
               "clip_g_sha256": weights_digest(args.clip_g) if args.clip_g else None}
     made = generate(args.metadata, args.outdir, pipe, settings, samples_per_prompt=args.samples_per_prompt,
                     seed=args.seed, batch_size=args.batch_size, record=record, rank=rank, world_size=world_size,

@@ -70,9 +70,8 @@ def made_with(weights, components, no_t5: bool) -> dict:
     (the same MM-DiT with another VAE or other towers draws other images, so its kept images must not be reused)."""
     from mmdit.loading import component_digests, weights_digest
 
-    skip = ("transformer", "text_encoder_3") if no_t5 else ("transformer",)   # replaced by weights; unused
     return {"weights": str(weights), "weights_sha256": weights_digest(weights), "t5": not no_t5,
-            "components": component_digests(components, skip)}
+            "components": component_digests(components, no_t5)}
 
 
 def plot_curve(rows: list[dict], path: Path, width: int = 640, height: int = 400):
