@@ -645,7 +645,7 @@ def main(argv=None):
     log, board, progress = open_logs(cfg, procs, state, out_dir)
 
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
-    started, micro, bad_steps = time.perf_counter(), 0, 0
+    started, micro, bad_steps, stopping = time.perf_counter(), 0, 0, False
     while state.step < cfg.train.steps:
         try:
             batch = next(batches)
@@ -721,15 +721,11 @@ def main(argv=None):
         if stopping:
             folder = checkpoint(cfg, procs, state)
             print(f"signal {stop['signal']}: saved {folder}, exiting", file=sys.stderr)
-            progress.close()
-            if board is not None:
-                board.close()
-            end_together(accelerator)
-            return 0
+            break
     progress.close()
     if board is not None:
         board.close()
-    if rank == 0:
+    if rank == 0 and not stopping:   # a run stopped by a signal resumes; only a finished one exports
         export(cfg, state, run_started)
     end_together(accelerator)
     return 0
