@@ -323,20 +323,21 @@ class TrainState:
     generator: object           # sigmas, noise and encoder dropout: one stream per rank
     fixed: dict | None          # set when the EMA and checkpoints read DeepSpeed's fp32 masters (see master_weights)
     step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
+    data: object = None         # mmdit.loader.DataPosition: epoch, batches per loader stream, whose turn is next
+    tally: object = None        # mmdit.loader.ReadTally: shards that failed, samples skipped
 
 
 def check_recipe(args):
     """The recipe, its shards (made first when data.prepare says how) and the checkpoint to resume from: every
     error here, as one line, before any compute."""
     from mmdit.config import load_config
-    from mmdit.shards import shard_list
+    from mmdit.sources import missing_local, names_folder, parse_sources, unreachable
 
     try:
         cfg = load_config(args.config, args.overrides)
         prepare = preparation_step(cfg.data.prepare) if cfg.data.prepare else None
-        missing = [s for s in (cfg.data.shards, cfg.data.val_shards) if s and not (Path(s) / "manifest.json").is_file()]
+        missing = [s for s in (cfg.data.shards, cfg.data.val_shards)
+                   if s and names_folder(s) and not (Path(s) / "manifest.json").is_file()]
         if prepare and missing:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise ValueError(f"data.prepare ({cfg.data.prepare}) runs in one process: run `python3 train.py` "
@@ -346,14 +347,19 @@ def check_recipe(args):
             prepare(cfg.data.shards, cfg.data.val_shards, cfg.data.prepare_args,
                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if not cfg.data.shards:
-            raise ValueError("data.shards is empty: give a shard folder (with manifest.json), e.g. "
-                             "data.shards=shards/train")
-        for source in (cfg.data.shards, cfg.data.val_shards):
-            listed = shard_list(source) if source else []
-            absent = [p for p in listed if not Path(p).is_file()]
-            if absent:   # an epoch of nothing would repeat forever
-                raise ValueError(f"{len(absent)} of the {len(listed)} shards that {source} names are missing: "
+            raise ValueError("data.shards is empty: give a shard folder (with manifest.json), a manifest, a pattern "
+                             "or URL, e.g. data.shards=shards/train or data.shards='shards/{00000..00009}.tar'")
+        checked = [parse_sources(cfg.data.shards)] + ([parse_sources(cfg.data.val_shards)] if cfg.data.val_shards else [])
+        parse_sources([s.spec for sources in checked for s in sources])   # train and val shards: one encoder set
+        for sources in checked:
+            absent = missing_local(sources)
+            if absent:   # an epoch of what is left would silently train on less
+                raise ValueError(f"{len(absent)} local shards that the recipe names are missing: "
                                  f"{', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}")
+            for source in sources:
+                problem = unreachable(source, timeout=cfg.data.timeout)
+                if problem:
+                    raise ValueError(f"shard source {source.spec} cannot be read: {problem}")
         if cfg.train.sample_model:   # its sampling defaults are read at the first sample grid: check them now
             from mmdit.sampling_cli import default_cfg
 
@@ -427,6 +433,7 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
     import torch
 
     from mmdit.checkpoint import load_mmdit
+    from mmdit.loader import DataPosition, ReadTally
     from mmdit.model import MMDiT
 
     torch.manual_seed(cfg.train.seed)
@@ -458,33 +465,44 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
             model.load_checkpoint(str(resume / "deepspeed"), tag="state", load_module_strict=True)
     elif accelerator is not None:   # DDP: the model wrapped, the optimizer stays ours (fused, one reduced gradient)
         model = accelerator.prepare_model(model)
-    state = TrainState(model, raw_model, ema, optimizer, generator, fixed)
+    streams = max(1, cfg.data.num_workers)
+    state = TrainState(model, raw_model, ema, optimizer, generator, fixed, 0, DataPosition.start(streams), ReadTally())
     if resume is not None:
         saved = torch.load(resume / f"state_rank{procs.rank}.pt", weights_only=True)
         generator.set_state(saved["generator"])
-        state.step, state.epoch, state.batches_in_epoch = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+        state.step = saved["step"]
+        if "data" in saved:
+            state.data, state.tally = DataPosition.from_dict(saved["data"]), ReadTally(saved.get("read"))
+        else:   # saved before loader streams were tracked: a batch count, exact while no stream has ended
+            state.data = DataPosition.from_batch_count(saved["epoch"], saved["batches_in_epoch"], streams)
+        if len(state.data.consumed) != streams:
+            saved_workers = len(state.data.consumed) if len(state.data.consumed) > 1 else "0 or 1"
+            fail(f"{resume} was saved reading with data.num_workers {saved_workers}; resume with that (the data "
+                 f"position is kept per loader stream), not {cfg.data.num_workers}")
     return state
 
 
 def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
     """A checkpoint of the state (collective: every rank calls it at the same step)."""
-    saved = {"step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+    saved = {"step": state.step, "data": state.data.to_dict(), "read": state.tally.to_dict(),
              "generator": state.generator.get_state(), "precision": procs.precision}
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
                            master_weights(state.raw_model, state.fixed), state.ema, state.optimizer, saved,
                            cfg.train.keep_checkpoints, procs.accelerator, procs.deepspeed)
 
 
-def epoch_batches(cfg, procs: Processes, epoch: int, skip: int):
-    """This rank's batches of one epoch, the first `skip` (already trained on) left out."""
+def epoch_batches(cfg, procs: Processes, position):
+    """This rank's batches of position's epoch, those already trained on left out (mmdit.loader)."""
     import torch
 
-    from mmdit.shards import ShardDataset
+    from mmdit.loader import ShardDataset
+    from mmdit.sources import ReadPolicy
 
-    dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch, rank=procs.rank,
-                           world_size=procs.world, shuffle_buffer=cfg.data.shuffle_buffer,
+    policy = ReadPolicy(retries=cfg.data.retries, retry_delay=cfg.data.retry_delay, timeout=cfg.data.timeout)
+    dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=position.epoch,
+                           rank=procs.rank, world_size=procs.world, shuffle_buffer=cfg.data.shuffle_buffer,
                            resampled=cfg.data.resampled, variant_probs=list(cfg.data.caption_variant_probs),
-                           skip_batches=skip)
+                           position=position, policy=policy, end_markers=True)
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
 
 
@@ -564,7 +582,8 @@ def open_logs(cfg, procs: Processes, state: TrainState, out_dir: Path):
     return log, board, progress
 
 
-TRAIN_SCALARS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "flops_per_s")   # TensorBoard train/*
+TRAIN_SCALARS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "flops_per_s",
+                 "data")   # TensorBoard train/*, and data/* (the reading's counts)
 VAL_SCALARS = ("val", "val_ema")   # validation losses: NAME/mean and NAME/sigma_S
 
 
@@ -577,7 +596,10 @@ def write_record(record: dict, log, board, progress, step: int, scalars: tuple[s
         return
     for name in scalars:
         value = record[name]
-        if isinstance(value, dict):   # a validation loss: its mean and per-sigma values
+        if name == "data":   # the reading's counts: data/failed_shards, data/corrupt_samples, ...
+            for count, v in value.items():
+                board.add_scalar(f"data/{count}", v, step)
+        elif isinstance(value, dict):   # a validation loss: its mean and per-sigma values
             board.add_scalar(f"{name}/mean", value["mean"], step)
             for sigma, v in value["per_sigma"].items():
                 board.add_scalar(f"{name}/sigma_{sigma}", v, step)
@@ -621,7 +643,8 @@ def main(argv=None):
 
     from mmdit import flow
     from mmdit.config import TextLayout
-    from mmdit.shards import ShardDataset
+    from mmdit.loader import DataPosition, ShardDataset, resampled_epoch_batches
+    from mmdit.sources import parse_sources
     from mmdit.text import assemble, sample_keep
 
     procs = set_up_processes(cfg, resume)
@@ -631,7 +654,10 @@ def main(argv=None):
     model, raw_model, optimizer, generator = state.model, state.raw_model, state.optimizer, state.generator
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=procs.precision == "bf16")
 
-    batches = epoch_batches(cfg, procs, state.epoch, state.batches_in_epoch)
+    position = state.data
+    batches = epoch_batches(cfg, procs, position)
+    epoch_length = (resampled_epoch_batches(parse_sources(cfg.data.shards), procs.world, cfg.data.batch_size)
+                    if cfg.data.resampled else None)   # epoch mode: an epoch ends where its streams do
     val_batches = []
     if cfg.data.val_shards:
         val_set = ShardDataset(cfg.data.val_shards, cfg.data.batch_size, seed=0, shuffle_buffer=1)
@@ -647,18 +673,29 @@ def main(argv=None):
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
     started, micro, bad_steps, stopping = time.perf_counter(), 0, 0, False
     while state.step < cfg.train.steps:
+        if epoch_length is not None and position.batches >= epoch_length:   # a resampled epoch is a count
+            state.tally.end_epoch()
+            state.data = position = DataPosition.start(len(position.consumed), position.epoch + 1)
+            batches = epoch_batches(cfg, procs, position)
         try:
             batch = next(batches)
         except StopIteration:  # end of an epoch: the next one is shuffled anew
-            if state.batches_in_epoch == 0:   # (a resume counts the batches it skipped) an empty epoch repeats forever
-                fail(f"epoch {state.epoch} gave rank {rank} no batch: data.batch_size {cfg.data.batch_size} is more "
-                     f"than its share of the samples in {cfg.data.shards}, or none could be read")
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            batches = epoch_batches(cfg, procs, state.epoch, 0)
+            if position.batches == 0:   # (a resume counts the batches it skipped) an empty epoch repeats forever
+                fail(f"epoch {position.epoch} gave rank {rank} no batch: data.batch_size {cfg.data.batch_size} is "
+                     f"more than its share of the samples in {cfg.data.shards}, or none could be read")
+            state.tally.end_epoch()
+            state.data = position = DataPosition.start(len(position.consumed), position.epoch + 1)
+            batches = epoch_batches(cfg, procs, position)
             continue
-        except ValueError as e:   # a stream that can yield nothing (mmdit.shards); a loader worker's comes wrapped
+        except ValueError as e:   # a stream that can yield nothing (mmdit.loader); a loader worker's comes wrapped
             fail(f"data: {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}")
-        state.batches_in_epoch += 1
+        failed = state.tally.update(batch["stream"], batch["read"])
+        if failed:   # each failed shard named once in the log; the counts go with every train record
+            write_record({"step": state.step, "rank": rank, "data_failed": failed}, log, board, progress,
+                         state.step, ())
+        if batch.get("end"):
+            continue
+        position.advance(batch["stream"])
         x0 = batch["latent"].float().to(device)
         B = x0.shape[0]
         if layout is None:
@@ -707,7 +744,7 @@ def main(argv=None):
             record = {"step": step, "rank": rank, "keys": batch["keys"], "loss": loss.item(),
                       "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
                       **throughput(raw_model.config, B * cfg.optim.grad_accum * cfg.train.log_every / elapsed,
-                                   image_tokens, context.shape[1])}
+                                   image_tokens, context.shape[1]), "data": state.tally.totals()}
             write_record(record, log, board, progress, step, TRAIN_SCALARS)
             started = time.perf_counter()
         if step % cfg.train.val_every == 0 or step == cfg.train.steps:

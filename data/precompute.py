@@ -4,11 +4,13 @@
     python3 data/precompute.py --images photos/ --captions captions.jsonl --model PIPELINE --out shards/ --buckets
     accelerate launch data/precompute.py ...      # each process takes every world_size-th input shard
 
-Inputs: webdataset tars as img2dataset writes them (KEY.jpg|png|webp with KEY.txt and/or KEY.json), or a folder
+Inputs: webdataset tars as img2dataset writes them (KEY.jpg|png|webp with KEY.txt and/or KEY.json), local or in a
+bucket or behind HTTP ('https://host/raw/{00000..00099}.tar', 'pipe:aws s3 cp s3://bucket/raw/00000.tar -'), or a folder
 of images with a captions JSONL ({"file": ..., "caption": ..., other fields}). Each input shard (or block of
 --samples-per-shard images) becomes the output shard of the same index. Resumable: an output shard and its
 .stats.json exist only when complete (written under a temporary name, then renamed), so a rerun skips them and
-rewrites anything partial. Bad input never stops the run: an undecodable image or a missing caption is skipped,
+rewrites anything partial. A caption that is not valid UTF-8 is read as latin-1 and counted
+(captions_read_as_latin1 in the manifest). Bad input never stops the run: an undecodable image or a missing caption is skipped,
 counted and logged with its key; an empty caption is encoded as "" and counted. The last process to finish writes
 manifest.json once every output shard is there.
 """
@@ -26,7 +28,7 @@ PROG = "precompute.py"
 def parse_args(argv=None):
     p = Parser(prog=PROG, description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", help="img2dataset webdataset tars (brace patterns allowed)")
+    src.add_argument("--input", nargs="+", help="img2dataset webdataset tars: paths, URLs or pipe: commands, brace patterns allowed (mmdit.sources)")
     src.add_argument("--images", help="a folder of images (with --captions)")
     p.add_argument("--captions", help="JSONL for --images: one {\"file\": ..., \"caption\": ...} per line")
     p.add_argument("--model", required=True, help="SD3 pipeline directory or Stability single file")
@@ -62,10 +64,13 @@ def check(args) -> list:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.input:
-        from braceexpand import braceexpand
+        from mmdit.sources import check_scheme, expand, is_remote
 
-        inputs = [p for pattern in args.input for p in braceexpand(pattern)]
-        missing = [p for p in inputs if not Path(p).is_file()]
+        try:
+            inputs = [url for pattern in args.input if check_scheme(pattern) is not None for url in expand(pattern)]
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        missing = [p for p in inputs if not is_remote(p) and not Path(p).is_file()]
         if missing:
             raise UsageError(f"input shard {missing[0]} does not exist ({len(missing)} missing)")
         return inputs

@@ -236,12 +236,17 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    shards: str = ""                     # a shard folder with manifest.json, or a manifest path
-    val_shards: str = ""                 # held-out shards for the validation loss ("" = none)
+    # Where shards come from (mmdit.sources): a folder with manifest.json, a manifest file or URL, a brace pattern
+    # of paths or URLs, a pipe: command; or a list of those, each a string or {source: SPEC, weight: W}.
+    shards: str | tuple = ""
+    val_shards: str | tuple = ""         # held-out shards for the validation loss ("" = none)
     batch_size: int = 32                 # per rank and micro-step
     num_workers: int = 2
     shuffle_buffer: int = 1000
     resampled: bool = False              # endless shard resampling (multi-node) instead of exact epochs
+    retries: int = 2                     # attempts after the first for a remote shard that fails to open or breaks off
+    retry_delay: float = 1.0             # seconds before the first retry, doubling after each
+    timeout: float = 30.0                # seconds: connect timeout and stall limit of a remote read
     caption_variant_probs: tuple[float, ...] = (0.5, 0.5)   # the paper's original / synthetic caption mix
     # A module of mmdit whose prepare(shards, val_shards, prepare_args, device) makes the shards when they are
     # missing (configs/toy.yaml: mmdit.toy.prepare, which builds the toy world); "" = the shards must exist.
@@ -308,6 +313,12 @@ def _coerce(value, annotation: str, where: str):
     base = annotation.replace(" | None", "")
     if value is None and "None" in annotation:
         return None
+    if base == "str | tuple":   # a shard spec: one string, or a list of strings and {source, weight} mappings
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, dict)) for v in value):
+            raise ValueError(f"{where}: expected a shard source or a list of them, got {value!r}")
+        return tuple(value)
     if base == "tuple[str, ...]":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"{where}: expected a list of strings, got {value!r}")
@@ -333,6 +344,7 @@ INF = math.inf
 # zero after hours of work; zero steps would export untrained weights).
 RECIPE_RANGES = {
     "data.batch_size": (1, INF, False), "data.num_workers": (0, 256, False), "data.shuffle_buffer": (1, INF, False),
+    "data.retries": (0, 100, False), "data.retry_delay": (0, 3600, False), "data.timeout": (1, 86400, False),
     "text.drop_clip_l": (0, 1, False), "text.drop_clip_g": (0, 1, False), "text.drop_t5": (0, 1, False),
     "flow.lognorm_std": (0, INF, True), "flow.mode_scale": (-INF, INF, False), "flow.lognorm_mean": (-INF, INF, False),
     "flow.train_shift": (0, INF, True),

@@ -50,14 +50,18 @@ class Options:
 
 # ---- inputs: (key, image bytes or None, {"txt": str, "json": dict}) per sample ---------------------------------
 
-def read_webdataset_tar(path, stats):
-    """Samples of an img2dataset tar; a truncated tar yields what it holds and is counted."""
+def read_webdataset_tar(url, stats):
+    """Samples of an img2dataset tar (a path, URL or pipe: command: mmdit.sources); a tar that cannot be read or
+    breaks off yields what it held and is counted."""
+    from mmdit.sources import tar_groups
+
     try:
-        for key, members in shards.tar_groups(path):
+        for key, members in tar_groups(url):
             yield key, {ext.lower(): data for ext, data in members.items()}
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         stats["truncated_inputs"] = stats.get("truncated_inputs", 0) + 1
-        log.warning("input %s is truncated or unreadable (%s): its remaining samples are skipped", path, e)
+        log.warning("input %s is truncated or unreadable (%s): its remaining samples are skipped", url,
+                    str(e).split(" @ ")[0])
 
 
 def folder_blocks(folder, captions_file, per_shard):
@@ -84,13 +88,23 @@ def folder_blocks(folder, captions_file, per_shard):
     return blocks
 
 
-def caption_of(members, spec):
+def decode_text(data: bytes, stats) -> str:
+    """Caption bytes as text: UTF-8, else latin-1 (which decodes any bytes), counted as captions_read_as_latin1,
+    never replaced by U+FFFD."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["captions_read_as_latin1"] = stats.get("captions_read_as_latin1", 0) + 1
+        return data.decode("latin-1")
+
+
+def caption_of(members, spec, stats):
     """The caption named by spec ('txt' or 'json:FIELD'), or None when absent."""
     if spec == "txt":
-        return members["txt"].decode("utf-8", "replace").strip() if "txt" in members else None
+        return decode_text(members["txt"], stats).strip() if "txt" in members else None
     field = spec.split(":", 1)[1]
     try:
-        record = json.loads(members["json"]) if "json" in members else None
+        record = json.loads(decode_text(members["json"], stats)) if "json" in members else None
     except ValueError:
         return None
     value = record.get(field) if isinstance(record, dict) else None
@@ -104,7 +118,7 @@ def prepare(key, members, options, buckets, stats):
     from PIL import Image
 
     data = members.get("img") or next((members[e] for e in IMAGE_EXTS if e in members), None)
-    captions = [caption_of(members, spec) for spec in (options.caption, options.second_caption) if spec]
+    captions = [caption_of(members, spec, stats) for spec in (options.caption, options.second_caption) if spec]
     if data is None:
         return skip(stats, "missing_image", key)
     if any(c is None for c in captions):

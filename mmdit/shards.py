@@ -1,4 +1,5 @@
-"""Precomputed-embedding shards: the schema (defined here once), the writer and the training loader.
+"""Precomputed-embedding shards: the schema (defined here once), the writer and the manifest (reading them from
+anywhere: mmdit.sources; the training loader: mmdit.loader).
 
 A shard is a plain tar in webdataset's layout: the members of one sample share a key (the name up to the first
 dot) and lie next to each other. Per sample (schema version 1, documented in data/README.md):
@@ -22,9 +23,7 @@ from __future__ import annotations
 import ast
 import io
 import json
-import logging
 import os
-import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,6 @@ import numpy as np
 import torch
 
 from mmdit.config import SHARD_DTYPES
-
-logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -226,182 +223,3 @@ def read_manifest(folder) -> dict:
     if manifest.get("schema") != SCHEMA_VERSION:
         raise ValueError(f"{path} has schema {manifest.get('schema')}, this code reads {SCHEMA_VERSION}")
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading
-
-
-@dataclass
-class ReadStats:
-    """What a reader skipped; corrupt data is counted and logged, never fatal."""
-
-    samples: int = 0
-    corrupt_samples: int = 0
-    corrupt_shards: int = 0
-
-
-def tar_groups(path):
-    """(key, {extension: bytes}) for each run of adjacent members sharing a key (webdataset's grouping), in order.
-
-    Raises tarfile.ReadError for a truncated tar, also one cut exactly at a member header (tarfile ends quietly
-    there; a whole tar ends with two zero blocks); the group being read when it broke is never yielded.
-    """
-    current, members = None, {}
-    with tarfile.open(path, "r|") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, ext = Path(info.name).name.partition(".")
-            if key != current and current is not None:
-                yield current, members
-                members = {}
-            current = key
-            members[ext] = tar.extractfile(info).read()
-        if os.path.getsize(path) - tar.offset < 2 * tarfile.BLOCKSIZE:
-            raise tarfile.ReadError("no end-of-archive marker")
-    if current is not None:
-        yield current, members
-
-
-def read_shard(path, stats: ReadStats | None = None):
-    """Yield the decoded samples of one shard in order; a truncated or unreadable shard ends early with a
-    warning, and a sample missing a member or failing to decode is skipped with a warning. Both are counted."""
-    stats = stats if stats is not None else ReadStats()
-    try:
-        for key, members in tar_groups(path):
-            try:
-                sample = decode_sample(members)
-            except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
-                stats.corrupt_samples += 1
-                logger.warning("skipping sample %s of %s: %s", key, path, e)
-                continue
-            stats.samples += 1
-            yield sample
-    except (tarfile.TarError, OSError, EOFError) as e:
-        stats.corrupt_shards += 1
-        logger.warning("shard %s is truncated or unreadable (%s); its remaining samples are skipped", path, e)
-
-
-def shard_list(source) -> list[str]:
-    """A folder with a manifest, a manifest file, or an explicit list of shard paths -> sorted shard paths."""
-    if isinstance(source, (list, tuple)):
-        return [str(s) for s in source]
-    source = Path(source)
-    folder = source if source.is_dir() else source.parent
-    return [str(folder / name) for name in read_manifest(folder)["shards"]]
-
-
-def sample_stream(shards: list[str], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1, worker: int = 0,
-                  num_workers: int = 1, shuffle_buffer: int = 1000, resampled: bool = False,
-                  stats: ReadStats | None = None):
-    """The samples one (rank, worker) reads, in a deterministic order for (seed, epoch).
-
-    Not resampled: the shard list is shuffled with (seed, epoch) and dealt round-robin to the world_size *
-    num_workers streams, so together they read every shard, hence every sample, exactly once per epoch. Resampled:
-    each stream draws shards with replacement, forever (an epoch is then a count the caller chooses). Samples pass
-    through a shuffle buffer seeded by (seed, epoch, stream).
-    """
-    stream = rank * num_workers + worker
-    streams = world_size * num_workers
-    rng = random.Random(f"{seed}-{epoch}-{stream}")
-    if resampled:
-        shard_rng = random.Random(f"{seed}-{epoch}-{stream}-shards")
-        order = (shard_rng.choice(shards) for _ in iter(int, 1))
-    else:
-        order = list(shards)
-        random.Random(f"{seed}-{epoch}").shuffle(order)
-        order = order[stream::streams]
-    buffer, barren, read_any = [], set(), False
-    for shard in order:
-        if resampled and not read_any:   # an endless stream of shards that give nothing would never yield
-            if shard in barren and len(barren) == len(set(shards)):
-                raise ValueError(f"none of the {len(barren)} shards gave a readable sample (first: {shards[0]})")
-            barren.add(shard)
-        for sample in read_shard(shard, stats):
-            read_any = True
-            if len(buffer) < shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def choose_variant(sample: dict, rng: random.Random, probs: list[float] | None = None) -> dict:
-    """One caption variant per sample: uniform (the paper's 50/50 for two) unless probs are given."""
-    n = len(sample["variants"])
-    weights = probs[:n] if probs else [1.0] * n
-    return sample["variants"][rng.choices(range(n), weights=weights)[0]]
-
-
-def bucket_batches(samples, batch_size: int, rng: random.Random, variant_probs=None, drop_last: bool = True):
-    """Batches whose latents share one shape (one bucket at a time): samples wait in their bucket until it holds
-    batch_size of them. Each batch: {"latent": (B, C, h, w), text fields: stacked, "keys": [...]}."""
-    buckets: dict[tuple, list] = {}
-    for sample in samples:
-        shape = tuple(sample["latent"].shape)
-        bucket = buckets.setdefault(shape, [])
-        bucket.append((sample["record"]["key"], sample["latent"], choose_variant(sample, rng, variant_probs)))
-        if len(bucket) == batch_size:
-            yield collate(bucket)
-            buckets[shape] = []
-    if not drop_last:
-        for bucket in buckets.values():
-            if bucket:
-                yield collate(bucket)
-
-
-def collate(items) -> dict:
-    keys, latents, variants = zip(*items)
-    batch = {"keys": list(keys), "latent": torch.stack(latents)}
-    for name in variants[0]:
-        batch[name] = torch.stack([v[name] for v in variants])
-    return batch
-
-
-class ShardDataset(torch.utils.data.IterableDataset):
-    """Batches for one rank, for torch's DataLoader with batch_size=None (batches are formed per bucket here).
-
-    Per epoch every sample is read once; the incomplete last batch of each bucket in each (rank, worker) stream
-    is dropped (fewer than batch_size samples per bucket and stream).
-
-    Resuming: a run that has consumed `batches_done` batches of this rank in `epoch` rebuilds the dataset with
-    skip_batches=batches_done; each worker skips its share (DataLoader takes workers' batches in turn), reading
-    the same deterministic stream up to there, so the next batch is the one the interrupted run would have seen.
-    This is exact with num_workers <= 1, and in resampled mode (endless streams) with any number of workers. In
-    epoch mode with several workers it is exact until the first worker's stream ends; after that DataLoader's
-    turn-taking depends on which workers are left, so resume at an epoch boundary or use resampled mode there.
-    """
-
-    def __init__(self, source, batch_size: int, *, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 1000, resampled: bool = False,
-                 variant_probs: list[float] | None = None, skip_batches: int = 0):
-        super().__init__()
-        self.shards = shard_list(source)
-        if not self.shards:
-            raise ValueError(f"no shards in {source}")
-        self.batch_size, self.seed, self.epoch, self.rank, self.world_size = batch_size, seed, epoch, rank, world_size
-        self.shuffle_buffer, self.resampled, self.variant_probs = shuffle_buffer, resampled, variant_probs
-        self.skip_batches = skip_batches
-        self.stats = ReadStats()
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # DataLoader takes batches from its workers in turn, starting with worker 0. After `skip_batches` the next
-        # batch belongs to stream skip_batches % num_workers, so worker w plays that stream shifted by w.
-        if self.skip_batches and num_workers > 1 and not self.resampled:
-            logger.warning("resuming mid-epoch with %d workers: exact until the first worker's stream ends "
-                           "(see ShardDataset)", num_workers)
-        worker = (loader_worker + self.skip_batches) % num_workers
-        skip = (self.skip_batches - worker + num_workers - 1) // num_workers  # batches this stream already gave
-        samples = sample_stream(self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                                world_size=self.world_size, worker=worker, num_workers=num_workers,
-                                shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, stats=self.stats)
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}-variants")
-        for i, batch in enumerate(bucket_batches(samples, self.batch_size, rng, self.variant_probs)):
-            if i >= skip:
-                yield batch

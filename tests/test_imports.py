@@ -19,6 +19,8 @@ ALLOWED = {
     "mmdit.text": {"mmdit.config"},
     "mmdit.vae": {"mmdit.config"},
     "mmdit.shards": {"mmdit.config"},
+    "mmdit.sources": {"mmdit.shards", "mmdit.config"},   # reading shards from anywhere: the format, then webdataset
+    "mmdit.loader": {"mmdit.sources", "mmdit.shards", "mmdit.config"},
     "mmdit.checkpoint": {"mmdit.config", "mmdit.model"},
 }
 

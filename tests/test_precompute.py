@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmdit import shards
+from mmdit import loader, shards, sources
 from mmdit.images import resize_center_crop
 from mmdit.loading import load_conditioning
 from mmdit.text import assemble
@@ -91,7 +91,7 @@ def test_manifest_counts_and_skips(precomputed):
 def test_stored_tensors_equal_the_encoders_and_vae(precomputed, tiny_pipeline):
     root, _ = precomputed
     text, vae = load_conditioning(tiny_pipeline, t5_tokens=20)
-    samples = {s["record"]["key"]: s for s in shards.read_shard(root / "out" / "00000.tar")}
+    samples = {s["record"]["key"]: s for s in sources.read_shard(str(root / "out" / "00000.tar"))}
     assert sorted(samples) == ["0000", "0001", "0002", "0003", "0006"]
     for key, seed in (("0001", 1), ("0006", 6)):
         s = samples[key]
@@ -111,14 +111,14 @@ def test_stored_tensors_equal_the_encoders_and_vae(precomputed, tiny_pipeline):
 def test_loader_and_assembly_equal_the_sampling_path(precomputed, tiny_pipeline):
     root, _ = precomputed
     text, _ = load_conditioning(tiny_pipeline, t5_tokens=20)
-    batch = next(iter(shards.ShardDataset(root / "out", batch_size=2, seed=0, shuffle_buffer=1, variant_probs=[1, 0])))
+    batch = next(iter(loader.ShardDataset(str(root / "out"), batch_size=2, seed=0, shuffle_buffer=1, variant_probs=[1, 0])))
     parts = dict(clip_l=(batch["clip_l"], batch["clip_l_pooled"]), clip_g=(batch["clip_g"], batch["clip_g_pooled"]),
                  t5=batch["t5"])
     context, pooled = assemble(text.layout, 2, **parts)
     captions = []
     for key in batch["keys"]:
         shard = "00000.tar" if int(key) < 10 else "00001.tar"
-        captions += [s["record"]["captions"][0] for s in shards.read_shard(root / "out" / shard)
+        captions += [s["record"]["captions"][0] for s in sources.read_shard(str(root / "out" / shard))
                      if s["record"]["key"] == key]
     ref_context, ref_pooled = text.conditioning(captions)
     torch.testing.assert_close(context, ref_context, rtol=2e-3, atol=2e-3)
@@ -152,7 +152,7 @@ def test_image_folder_with_buckets(tiny_pipeline, tmp_path):
                      "--resolution", "64", "--buckets", "--no-t5", "--samples-per-shard", "2", "--device", "cpu"])
     manifest = shards.read_manifest(tmp_path / "out")
     assert manifest["samples"] == 3 and manifest["skipped"] == {"missing_image": 1} and len(manifest["shards"]) == 2
-    samples = [s for name in manifest["shards"] for s in shards.read_shard(tmp_path / "out" / name)]
+    samples = [s for name in manifest["shards"] for s in sources.read_shard(str(tmp_path / "out" / name))]
     shapes = {s["record"]["key"]: tuple(s["latent"].shape[1:]) for s in samples}
     assert shapes == {"000000000": (6, 12), "000000001": (12, 6), "000000002": (8, 8)}  # 96x48, 48x96, 64x64
     assert all("t5" not in v for s in samples for v in s["variants"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit import shards
+from mmdit import loader, shards, sources
+from mmdit.sources import parse_sources
 
 C, V = 16, 2
 
@@ -43,7 +44,7 @@ def write_shards(folder, n_shards=6, per_shard=5, dtype="float16", sides=(4,)):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_round_trip(tmp_path, dtype):
     write_shards(tmp_path, n_shards=1, per_shard=3, dtype=dtype)
-    samples = list(shards.read_shard(tmp_path / "00000.tar"))
+    samples = list(sources.read_shard(tmp_path / "00000.tar"))
     assert [s["record"]["key"] for s in samples] == ["000000", "000001", "000002"]
     for i, s in enumerate(samples):
         key, record, latent, variants = fake_sample(i)
@@ -102,13 +103,13 @@ def test_writes_are_reproducible_and_atomic(tmp_path):
 
 
 def keys_seen(folder, world_size, num_workers, seed=0, epoch=0):
-    listed = shards.shard_list(folder)
+    listed = parse_sources(str(folder))
     per_stream = {}
     for rank in range(world_size):
         for worker in range(num_workers):
-            per_stream[(rank, worker)] = [s["record"]["key"] for s in shards.sample_stream(
-                listed, seed=seed, epoch=epoch, rank=rank, world_size=world_size, worker=worker,
-                num_workers=num_workers, shuffle_buffer=4)]
+            per_stream[(rank, worker)] = [s["record"]["key"] for s in loader.sample_stream(
+                listed, seed=seed, epoch=epoch, rank=rank, world_size=world_size, stream=worker,
+                streams=num_workers, shuffle_buffer=4)]
     return per_stream
 
 
@@ -128,8 +129,8 @@ def test_ranks_and_workers_see_every_sample_once_per_epoch(tmp_path):
 
 def test_resampled_streams_are_endless_and_deterministic(tmp_path):
     write_shards(tmp_path, n_shards=2, per_shard=3)
-    take = lambda: [s["record"]["key"] for _, s in zip(range(20), shards.sample_stream(
-        shards.shard_list(tmp_path), seed=1, epoch=0, resampled=True, shuffle_buffer=2))]
+    take = lambda: [s["record"]["key"] for _, s in zip(range(20), loader.sample_stream(
+        parse_sources(str(tmp_path)), seed=1, epoch=0, resampled=True, shuffle_buffer=2))]
     first = take()
     assert len(first) == 20 and first == take()
 
@@ -148,37 +149,48 @@ def test_truncated_shard_and_corrupt_sample_are_skipped_and_counted(tmp_path):
         for info, payload in members:
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    stats = shards.ReadStats()
-    keys = [s["record"]["key"] for shard in shards.shard_list(tmp_path) for s in shards.read_shard(shard, stats)]
+    stats = sources.ReadStats()
+    keys = [s["record"]["key"] for shard in parse_sources(str(tmp_path))[0].urls
+            for s in sources.read_shard(shard, stats)]
     assert "000001" not in keys and {"000000", "000002", "000003", "000004"} <= set(keys)
-    assert stats.corrupt_samples == 1 and stats.corrupt_shards == 1 and len(keys) < 8
+    assert stats.corrupt_samples == 1 and stats.failed_shards == 1 and len(keys) < 8
+    assert list(stats.failed) == [str(tmp_path / "00001.tar")]
 
 
 def test_bucket_batches_are_single_shape_and_variants_mix(tmp_path):
     write_shards(tmp_path, n_shards=2, per_shard=12, sides=(4, 6))
-    dataset = shards.ShardDataset(tmp_path, batch_size=3, seed=0, shuffle_buffer=5)
+    dataset = loader.ShardDataset(str(tmp_path), batch_size=3, seed=0, shuffle_buffer=5)
     batches = list(dataset)
     assert len(batches) == 8 and all(b["latent"].shape[0] == 3 for b in batches)
     assert {tuple(b["latent"].shape[2:]) for b in batches} == {(4, 4), (6, 6)}
     assert batches[0]["t5"].shape == (3, 9, 13) and batches[0]["clip_g_pooled"].shape == (3, 7)
     # 50/50 caption variants: over many draws both appear about equally.
     rng = random.Random(0)
-    sample = next(shards.read_shard(tmp_path / "00000.tar"))
-    picks = [shards.choose_variant(sample, rng) is sample["variants"][0] for _ in range(2000)]
+    sample = next(sources.read_shard(str(tmp_path / "00000.tar")))
+    picks = [loader.choose_variant(sample, rng) is sample["variants"][0] for _ in range(2000)]
     assert abs(np.mean(picks) - 0.5) < 0.05
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_continues_with_the_next_batch(tmp_path, num_workers):
-    write_shards(tmp_path, n_shards=4, per_shard=6)
+def batches_from(folder, num_workers, position=None, **kw):
+    dataset = loader.ShardDataset(str(folder), batch_size=2, seed=3, epoch=1, shuffle_buffer=4, position=position,
+                                  end_markers=True, **kw)
+    items = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers))
+    return [(b["stream"], b["keys"]) for b in items if not b.get("end")]
 
-    def loader(skip):
-        dataset = shards.ShardDataset(tmp_path, batch_size=2, seed=3, epoch=1, shuffle_buffer=4, skip_batches=skip)
-        return [b["keys"] for b in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)]
 
-    full = loader(0)
-    assert len(full) == 12
-    assert loader(5) == full[5:]
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+def test_resume_continues_with_the_next_batch_at_every_point_of_an_epoch(tmp_path, num_workers):
+    """Streams of unequal length (5 shards over 3 workers) end at different times; DataLoader then passes over
+    the ended ones. Cut anywhere, the resumed loader gives exactly the rest of the epoch."""
+    write_shards(tmp_path, n_shards=5, per_shard=6)
+    full = batches_from(tmp_path, num_workers)
+    assert len(full) == 15
+    streams = max(1, num_workers)
+    for cut in range(len(full)):
+        position = loader.DataPosition.start(streams, epoch=1)
+        for stream, _ in full[:cut]:
+            position.advance(stream)
+        assert [k for _, k in batches_from(tmp_path, num_workers, position)] == [k for _, k in full[cut:]], cut
 
 
 def test_compact_t5_is_smaller_and_close(tmp_path):
@@ -192,7 +204,7 @@ def test_compact_t5_is_smaller_and_close(tmp_path):
         with shards.ShardWriter(tmp_path / f"{compact}.tar", compact=compact) as w:
             w.write("000000", {}, torch.randn(16, 4, 4), variants)
         sizes[compact] = (tmp_path / f"{compact}.tar").stat().st_size
-        back = next(shards.read_shard(tmp_path / f"{compact}.tar"))["variants"][0]["t5"].float()
+        back = next(sources.read_shard(str(tmp_path / f"{compact}.tar")))["variants"][0]["t5"].float()
         rel = ((back - t5).norm() / t5.norm()).item()
         assert rel < (1e-3 if not compact else 2.5e-2)
         # the outlier costs precision only in its own group of 64 channels: the scales are per group
@@ -223,9 +235,9 @@ def test_shard_cut_at_a_member_boundary_is_detected(tmp_path):
         cut = next(i.offset for i in tar.getmembers() if i.name == "000002.v0.clip_g.npy")
     data = (tmp_path / "00000.tar").read_bytes()
     (tmp_path / "00000.tar").write_bytes(data[:cut])
-    stats = shards.ReadStats()
-    keys = [s["record"]["key"] for s in shards.read_shard(tmp_path / "00000.tar", stats)]
-    assert keys == ["000000", "000001"] and stats.corrupt_shards == 1
+    stats = sources.ReadStats()
+    keys = [s["record"]["key"] for s in sources.read_shard(str(tmp_path / "00000.tar"), stats)]
+    assert keys == ["000000", "000001"] and stats.failed_shards == 1
 
 
 def test_sample_missing_a_text_member_is_rejected():

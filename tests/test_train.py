@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmdit import shards
+from mmdit import loader, shards
 from mmdit.checkpoint import load_mmdit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_validation_is_deterministic_and_ema_is_the_formula(shard_dir, tmp_path)
     for k in ema3:
         torch.testing.assert_close(ema3[k], 0.5 * ema2[k] + 0.5 * model3[k], rtol=0, atol=1e-7)
     model = load_mmdit(ckpt / "step_00000003" / "model.safetensors")
-    batches = [b for _, b in zip(range(2), shards.ShardDataset(shard_dir / "val", 4, shuffle_buffer=1))]
+    batches = [b for _, b in zip(range(2), loader.ShardDataset(str(shard_dir / "val"), 4, shuffle_buffer=1))]
     layout = TextLayout(clip_l_dim=8, clip_g_dim=16, context_dim=32, clip_tokens=5, t5_tokens=6)
     first = train_cli.validation_loss(model, batches, layout, cfg, torch.device("cpu"))
     torch.manual_seed(123)  # the global RNG plays no part
@@ -102,7 +102,7 @@ def test_validation_is_deterministic_and_ema_is_the_formula(shard_dir, tmp_path)
 
 @pytest.mark.parametrize("extra,match", [
     (["optim.lrr=1"], "unknown config key optim.lrr"),
-    (["data.shards=/nonexistent/shards"], "cannot read shard manifest"),
+    (["data.shards=/nonexistent/shards"], "shard source /nonexistent/shards does not exist"),
     (["optim.cooldown_steps=-1"], "optim.cooldown_steps must be a finite number in [0, inf)"),
     (["train.steps=0"], "train.steps must be a finite number in [1, inf), got 0"),
     (["train.log_every=0"], "train.log_every must be"),
@@ -156,7 +156,7 @@ def broken_copies(shard_dir, folder, keep_tars: bool):
 
 @pytest.mark.parametrize("case,extra,match", [
     ("batch", ["data.batch_size=100"], "epoch 0 gave rank 0 no batch: data.batch_size 100 is more than"),
-    ("missing", [], "3 of the 3 shards that"),
+    ("missing", [], "3 local shards that the recipe names are missing"),
     ("unreadable", [], "epoch 0 gave rank 0 no batch"),
     ("unreadable", ["data.resampled=true"], "data: none of the 3 shards gave a readable sample"),
     ("unreadable", ["data.resampled=true", "data.num_workers=1"], "data: none of the 3 shards gave a readable"),

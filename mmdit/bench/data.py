@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mmdit import shards
+from mmdit import loader, shards
 from mmdit.bench.model import bare_train_step
 
 SHAPES = {"clip_l": (77, 768), "clip_l_pooled": (768,), "clip_g": (77, 1280), "clip_g_pooled": (1280,),
@@ -34,7 +34,7 @@ def write_synthetic(folder: Path, samples: int, per_shard: int, variants: int, c
 
 
 def loader_rate(folder: Path, batch_size: int) -> float:
-    dataset = shards.ShardDataset(sorted(str(p) for p in folder.glob("*.tar")), batch_size=batch_size, seed=0,
+    dataset = loader.ShardDataset(sorted(str(p) for p in folder.glob("*.tar")), batch_size=batch_size, seed=0,
                              shuffle_buffer=256)
     start, n = time.perf_counter(), 0
     for batch in dataset:

@@ -62,7 +62,7 @@ def loops(shards: Path, depth: int, batch: int, compile: bool = False):
 
     from mmdit import flow
     from mmdit.config import TextLayout
-    from mmdit.shards import ShardDataset
+    from mmdit.loader import ShardDataset
     from mmdit.text import assemble, sample_keep
 
     ref = SD3Transformer2DModel(num_layers=depth, attention_head_dim=64, num_attention_heads=depth,
