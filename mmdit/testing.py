@@ -157,3 +157,48 @@ def save_tiny_pipeline(path, seed: int = 0, **kwargs) -> Path:
     path = Path(path)
     StableDiffusion3Pipeline(**tiny_components(seed, **kwargs)).save_pretrained(path)
     return path
+
+
+class ShardServer:
+    """A local HTTP server (127.0.0.1, a free port, its own thread) serving a folder, with faults on demand:
+    `missing` names answer 404, `cut` names send their full Content-Length but only half their bytes, then close.
+    What tests and `mmdit.bench data` stream shards from: `with ShardServer(folder) as url: ...`."""
+
+    def __init__(self, root, missing=(), cut=()):
+        self.root, self.missing, self.cut = Path(root), set(missing), set(cut)
+        self.requests: list[str] = []
+
+    def __enter__(self) -> str:
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                server.requests.append(name)
+                path = server.root / name
+                if name in server.missing or not path.is_file() or ".." in Path(name).parts:
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2] if name in server.cut else data)
+                if name in server.cut:
+                    self.close_connection = True
+
+            def log_message(self, *args):   # quiet
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
