@@ -48,8 +48,12 @@ def test_sampling_bench_sides_make_the_same_images(tiny_pipeline):
 def test_data_bench_pieces(tmp_path):
     from mmdit.bench.data import loader_rate, write_synthetic
 
+    from mmdit.testing import ShardServer
+
     size = write_synthetic(tmp_path, samples=6, per_shard=3, variants=1, compact=False)
-    assert size > 6 * 0.98e6 and loader_rate(tmp_path, batch_size=2) > 0
+    assert size > 6 * 0.98e6 and loader_rate(f"{tmp_path}/{{00000..00001}}.tar", batch_size=2) > 0
+    with ShardServer(tmp_path) as url:
+        assert loader_rate(f"{url}/{{00000..00001}}.tar", batch_size=2) > 0
 
 
 def test_train_bench_loops_run_on_shards(tmp_path):
