@@ -184,3 +184,25 @@ def test_rerun_with_other_settings_is_refused(precomputed, tiny_pipeline, tmp_pa
         run(inputs, tiny_pipeline, out, "--no-t5")
     assert err.value.code == 2 and "other settings (t5:" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # nothing touched
+
+
+def test_inputs_over_http_and_a_latin1_caption(tiny_pipeline, tmp_path):
+    """--input takes URLs (here a local server); a caption that is not UTF-8 is read as latin-1 and counted, not
+    turned into U+FFFD."""
+    from mmdit.testing import ShardServer
+
+    (tmp_path / "raw").mkdir()
+    with tarfile.open(tmp_path / "raw" / "00000.tar", "w") as tar:
+        add(tar, "0000.png", png(0))
+        add(tar, "0000.txt", "un caf\u00e9 cr\u00e8me".encode("latin-1"))
+        add(tar, "0000.json", json.dumps({"caption_synthetic": "a cup"}).encode())
+        add(tar, "0001.png", png(1))
+        add(tar, "0001.txt", "a plain caption".encode())
+        add(tar, "0001.json", json.dumps({"caption_synthetic": "plain"}).encode())
+    with ShardServer(tmp_path / "raw") as url:
+        run([f"{url}/{{00000..00000}}.tar"], tiny_pipeline, tmp_path / "out")
+    manifest = shards.read_manifest(tmp_path / "out")
+    assert manifest["samples"] == 2 and manifest["skipped"]["captions_read_as_latin1"] == 1
+    captions = {s["record"]["key"]: s["record"]["captions"][0]
+                for s in sources.read_shard(str(tmp_path / "out" / "00000.tar"))}
+    assert captions == {"0000": "un caf\u00e9 cr\u00e8me", "0001": "a plain caption"}
