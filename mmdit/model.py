@@ -93,8 +93,9 @@ class Attention(nn.Module):
     def qkv_heads(self, z: torch.Tensor, need_q: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(B, L, h) -> q, k, v each (B, L, heads, head_dim); q is None when need_q is False (saves a third)."""
         B, L, _ = z.shape
-        if need_q:
+        if need_q or not isinstance(self.qkv, nn.Linear):   # an adapted qkv (LoRA) is called whole
             q, k, v = self.qkv(z).view(B, L, 3, self.num_heads, -1).unbind(2)
+            q = q if need_q else None
         else:
             h = self.qkv.in_features
             kv = F.linear(z, self.qkv.weight[h:], self.qkv.bias[h:])

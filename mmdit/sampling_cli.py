@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, seed: int, batch_size: int
     model.add_argument("--clip-g", default=None, help="replace CLIP-G: a safetensors file in transformers' or "
                        "open_clip's layout")
     model.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights in a diffusers "
-                       "directory (loaded weights-only)")
+                       "directory or a LoRA (loaded weights-only)")
+    model.add_argument("--lora", nargs="+", action="extend", default=[], metavar="FILE[:SCALE]",
+                       help="LoRAs added to the transformer at load, each with its scale (default 1.0): diffusers' "
+                       "layout (load_lora_weights), kohya's / ComfyUI's, or ours (train.py's export)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else "
                        "cpu)")
     model.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on cuda, fp32 elsewhere")
@@ -82,7 +85,30 @@ def check_arguments(args: argparse.Namespace, images: int):
         raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N, mps, xpu, xpu:N")
     if args.clip_g is not None and not Path(args.clip_g).is_file():
         raise UsageError(f"--clip-g {args.clip_g} is not a file")
+    args.loras = [lora_and_scale(item, args.allow_pickle) for item in args.lora]
     settings_from(args, shift=None, side=16)   # the sampling values themselves (size placeholder when unset)
+
+
+def lora_and_scale(item: str, allow_pickle: bool) -> tuple[str, float]:
+    """FILE[:SCALE] -> (file, scale), checked: the file exists, is safetensors (or pickle with --allow-pickle),
+    and the scale is a finite number."""
+    import math
+
+    path, scale = item, 1.0
+    head, sep, tail = item.rpartition(":")
+    if sep and not Path(item).exists():
+        try:
+            scale = float(tail)
+        except ValueError:
+            raise UsageError(f"--lora {item}: the scale after ':' must be a number, got {tail!r}") from None
+        path = head
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {item}: the scale must be finite, got {scale}")
+    if not Path(path).is_file():
+        raise UsageError(f"--lora {path} is not a file")
+    if Path(path).suffix != ".safetensors" and not allow_pickle:
+        raise UsageError(f"--lora {path} is not a .safetensors file; pickle files are read only with --allow-pickle")
+    return path, scale
 
 
 def settings_from(args: argparse.Namespace, shift: float | None, side: int) -> Settings:
@@ -154,6 +180,13 @@ def load_pipeline(args: argparse.Namespace, device, dtype):
                                 allow_pickle=args.allow_pickle, clip_g=args.clip_g)
     except (ValueError, OSError) as e:   # CheckpointError is a ValueError
         raise UsageError(one_line(e)) from None
+    if getattr(args, "loras", None):
+        from mmdit.lora import apply_loras
+
+        try:
+            apply_loras(pipe.transformer, args.loras, allow_pickle=args.allow_pickle)
+        except ValueError as e:
+            raise UsageError(f"--lora: {one_line(e)}") from None
     settings = settings_from(args, pipe.shift, pipe.default_side)
     try:
         pipe.check_size(settings.width, settings.height)
@@ -170,4 +203,5 @@ def load_pipeline(args: argparse.Namespace, device, dtype):
 def run_record(args: argparse.Namespace, pipe, settings: Settings, dtype) -> dict:
     """What each image's metadata records beside its prompt and seed."""
     return {**settings.record(), "model": str(args.model), "t5": not args.no_t5,
-            "max_sequence_length": pipe.text.layout.t5_tokens, "dtype": str(dtype).replace("torch.", "")}
+            "max_sequence_length": pipe.text.layout.t5_tokens, "dtype": str(dtype).replace("torch.", ""),
+            **({"loras": [[path, scale] for path, scale in args.loras]} if getattr(args, "loras", None) else {})}

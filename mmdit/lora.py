@@ -1,0 +1,253 @@
+"""LoRA for the MM-DiT: adapters through peft on our modules, the file layouts other tools read, and LoRAs applied
+at load by adding their delta-W.
+
+Our modules are Stability's (a fused qkv per attention). A LoRA on a fused projection, delta-W = B A with B (3h, r)
+and A (r, h), is exactly three LoRAs on diffusers' separate to_q / to_k / to_v (add_q_proj / ... for the text
+stream): they share A and each takes its third of B's rows. So training keeps one adapter per fused module, and
+each layout is exact:
+
+    ours       joint_blocks.{i}.x_block.attn.qkv.lora_A.weight / .lora_B.weight      (peft's names on our modules)
+    diffusers  transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight / .lora_B.weight   (load_lora_weights)
+    kohya      lora_unet_joint_blocks_{i}_x_block_attn_qkv.lora_down.weight / .lora_up.weight / .alpha   (ComfyUI)
+
+The diffusers file carries B already scaled by alpha / rank (diffusers then loads it at alpha = rank, scale 1);
+the kohya file keeps B as trained with its alpha, as kohya's trainer writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmdit.checkpoint import CheckpointError, diffusers_key_table
+from mmdit.config import MMDiTConfig
+
+# What a LoRA may adapt, as suffixes of our module names: both streams' attention projections (and SD3.5's second
+# image attention) and MLPs, as diffusers' SD3 LoRA script and kohya's sd3 network target.
+LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
+KOHYA_PREFIX = "lora_unet_"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float | None = None           # None = rank (scale 1)
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSpec":
+        """model.lora of a recipe; a bad value is a ValueError of one line."""
+        unknown = sorted(set(d) - {"rank", "alpha", "dropout", "targets"})
+        if unknown:
+            raise ValueError(f"unknown key model.lora.{unknown[0]}; accepted: rank, alpha, dropout, targets")
+        rank, alpha, dropout = d.get("rank", 16), d.get("alpha"), d.get("dropout", 0.0)
+        targets = tuple(d.get("targets", LORA_TARGETS))
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 4096:
+            raise ValueError(f"model.lora.rank must be a whole number in [1, 4096], got {rank!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not 0 < alpha < float("inf")):
+            raise ValueError(f"model.lora.alpha must be a positive number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {dropout!r}")
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets:
+            raise ValueError(f"model.lora.targets: {bad[0] if bad else 'none given'}; accepted: "
+                             f"{', '.join(LORA_TARGETS)}")
+        return cls(rank, None if alpha is None else float(alpha), float(dropout), targets)
+
+
+def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
+    """Adapters on model's target modules (in place, through peft); everything else frozen. B starts at zero,
+    so the adapted model is the base model until it trains."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+                        lora_dropout=spec.dropout, target_modules=list(spec.targets), bias="none")
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors under our layout's names (module.lora_A.weight, module.lora_B.weight)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]):
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise CheckpointError(f"LoRA tensor {unexpected[0]} has no module in this model")
+
+
+def _pairs(state: dict[str, torch.Tensor], down: str, up: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    modules = {k[: -len(down)] for k in state if k.endswith(down)}
+    out = {}
+    for m in sorted(modules):
+        if m + up not in state:
+            raise CheckpointError(f"LoRA tensor {m + down} has no {up.lstrip('.')} beside it")
+        out[m] = (state[m + down], state[m + up])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layouts
+
+
+def _fused_table(config: MMDiTConfig) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Our module -> (diffusers modules, kind), for the LoRA targets."""
+    table = {}
+    for ours, theirs, kind in diffusers_key_table(config):
+        module = ours.removesuffix(".weight")
+        if ours.endswith(".weight") and module.endswith(LORA_TARGETS):
+            table[module] = (tuple(t.removesuffix(".weight") for t in theirs), kind)
+    return table
+
+
+def to_diffusers_lora(state: dict[str, torch.Tensor], config: MMDiTConfig, scale: float) -> dict[str, torch.Tensor]:
+    """Our adapters as diffusers' transformer LoRA: a fused qkv's A shared by q, k and v, B split by rows; B times
+    scale, so diffusers' default alpha (= rank) gives the same delta-W."""
+    table, out = _fused_table(config), {}
+    for module, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
+        theirs, kind = table[module]
+        parts = b.chunk(3, dim=0) if kind == "qkv" else (b,)
+        for name, part in zip(theirs, parts):
+            out[f"transformer.{name}.lora_A.weight"] = a.clone()   # shared by q, k, v: one copy each on disk
+            out[f"transformer.{name}.lora_B.weight"] = (part * scale).contiguous()
+    return out
+
+
+def to_kohya_lora(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Our adapters in kohya's sd3 layout (ComfyUI's LoRA loader maps lora_unet_ + the Stability module name with
+    dots as underscores onto model.diffusion_model.*): fused modules as they are, with alpha."""
+    out = {}
+    for module, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
+        key = KOHYA_PREFIX + module.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = a.contiguous()
+        out[f"{key}.lora_up.weight"] = b.contiguous()
+        out[f"{key}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def read_lora_file(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        if not allow_pickle:
+            raise CheckpointError(f"{path}: not a .safetensors LoRA; pickle files are read only when allowed "
+                                  f"(--allow-pickle), weights-only")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:   # torch.load raises many kinds for a bad file
+            raise CheckpointError(f"{path} is not a readable LoRA file ({type(e).__name__})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} does not hold a mapping of names to tensors")
+        return {k: v.float() for k, v in state.items()}
+    try:
+        return {k: v.float() for k, v in load_file(path).items()}
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def deltas(path: str | Path, config: MMDiTConfig, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """delta-W per our module (weight key) of a LoRA file in any of the three layouts, checked against config:
+    a tensor for a module this model lacks, or of another shape, is a CheckpointError naming it."""
+    path = Path(path)
+    state = read_lora_file(path, allow_pickle)
+    shapes = {m: _shape(config, m) for m in _fused_table(config)}
+    out: dict[str, torch.Tensor] = {}
+    if any(k.startswith(KOHYA_PREFIX) for k in state):
+        by_name = {KOHYA_PREFIX + m.replace(".", "_"): m for m in shapes}
+        for key, (down, up) in _pairs(state, ".lora_down.weight", ".lora_up.weight").items():
+            if key not in by_name:
+                raise CheckpointError(f"{path}: LoRA key {key} names no module of this model (another architecture "
+                                      f"or depth?)")
+            alpha = state.get(f"{key}.alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            out[by_name[key]] = _checked(path, key, scale * up @ down, shapes[by_name[key]])
+    elif any(k.startswith("transformer.") for k in state):
+        inverse = {}
+        for module, (theirs, kind) in _fused_table(config).items():
+            for i, name in enumerate(theirs):
+                inverse[name] = (module, i if kind == "qkv" else None)
+        for key, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
+            name = key.removeprefix("transformer.")
+            if name not in inverse:
+                raise CheckpointError(f"{path}: LoRA key {key} names no module of this model (another architecture "
+                                      f"or depth?)")
+            module, part = inverse[name]
+            delta = b @ a
+            if part is None:
+                out[module] = _checked(path, key, delta, shapes[module])
+            else:   # one of q, k, v: its rows of the fused delta
+                rows, cols = shapes[module]
+                fused = out.setdefault(module, torch.zeros(rows, cols))
+                _checked(path, key, delta, (rows // 3, cols))
+                fused[part * rows // 3:(part + 1) * rows // 3] += delta
+    else:
+        metadata = _metadata(path) if path.suffix == ".safetensors" else {}
+        scale = float(metadata.get("alpha", 0) or 0) / float(metadata.get("rank", 1) or 1) or 1.0
+        for module, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
+            if module not in shapes:
+                raise CheckpointError(f"{path}: LoRA key {module}.lora_A.weight names no module of this model "
+                                      f"(another architecture or depth?)")
+            out[module] = _checked(path, module, scale * b @ a, shapes[module])
+    if not out:
+        raise CheckpointError(f"{path}: no LoRA tensors (accepted: diffusers' transformer.*.lora_A/B, kohya's "
+                              f"lora_unet_*.lora_down/up, or ours *.lora_A/B)")
+    return out
+
+
+def _shape(config: MMDiTConfig, module: str) -> tuple[int, int]:
+    h = config.hidden_size
+    if module.endswith("qkv"):
+        return 3 * h, h
+    if module.endswith("fc1"):
+        return config.mlp_hidden, h
+    if module.endswith("fc2"):
+        return h, config.mlp_hidden
+    return h, h
+
+
+def _checked(path, key: str, delta: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(delta.shape) != tuple(shape):
+        raise CheckpointError(f"{path}: LoRA key {key} gives a {tuple(delta.shape)} delta where this model's "
+                              f"weight is {tuple(shape)} (another architecture or width?)")
+    return delta
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        return json.loads(meta.get("mmdit_lora", "{}"))
+    except ValueError:
+        return {}
+
+
+def apply_loras(model: torch.nn.Module, loras: list[tuple[str, float]], allow_pickle: bool = False):
+    """Add each LoRA's delta-W, times its scale, to the model's weights (in place, at load). Every file is read
+    and checked before any weight changes."""
+    params = dict(model.named_parameters())
+    read = [(deltas(path, model.config, allow_pickle), scale) for path, scale in loras]
+    for found, scale in read:
+        for module, delta in found.items():
+            weight = params[f"{module}.weight"]
+            with torch.no_grad():   # summed in fp32: a float16 weight plus a small delta would lose it
+                weight.copy_((weight.float() + scale * delta.to(weight.device)).to(weight.dtype))

@@ -1,0 +1,150 @@
+"""LoRA (mmdit.lora): peft adapters on our fused modules, exact in diffusers' and kohya's layouts; sample.py --lora
+draws what diffusers' load_lora_weights draws; bad LoRAs are one line."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmdit import lora
+from mmdit.checkpoint import load_mmdit, save_mmdit
+from mmdit.config import model_preset
+from mmdit.model import MMDiT
+from tests.test_sample import COMMON, PROMPT, assert_same_image, diffusers_images, read, sample_cli
+
+
+def random_lora(model, spec, seed=0, std=0.05):
+    """The model with adapters whose A and B are random (B starts at zero otherwise), and their state."""
+    lora.add_lora(model, spec)
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=g) * std for k, v in lora.lora_state(model).items()}
+    lora.load_lora_state(model, state)
+    return state
+
+
+def test_fused_qkv_splits_exactly_into_q_k_v():
+    config = model_preset("tiny")
+    model = MMDiT(config)
+    spec = lora.LoraSpec(rank=4, alpha=6)
+    state = random_lora(model, spec)
+    exported = lora.to_diffusers_lora(state, config, spec.scale)
+    module = "joint_blocks.0.x_block.attn.qkv"
+    fused = spec.scale * state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]
+    parts = [exported[f"transformer.transformer_blocks.0.attn.to_{n}.lora_B.weight"]
+             @ exported[f"transformer.transformer_blocks.0.attn.to_{n}.lora_A.weight"] for n in "qkv"]
+    assert torch.allclose(fused, torch.cat(parts), atol=1e-6, rtol=0)
+    assert "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight" in exported   # the text stream too
+    # the adapted model's every output equals the base plus the delta-W
+    x, s = torch.randn(2, 16, 8, 8), torch.rand(2)
+    c, p = torch.randn(2, 6, config.context_dim), torch.randn(2, config.pooled_dim)
+    with torch.no_grad():
+        for q in model.parameters():
+            if not q.requires_grad:
+                q.add_(torch.randn_like(q) * 0.05)   # a base that is not zero-initialised
+        adapted = model(x, s, c, p)
+    base = MMDiT(config)
+    base.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k})
+    with torch.no_grad():
+        before = base(x, s, c, p)
+        lora.apply_loras(base, [(_saved(exported), 1.0)])
+        after = base(x, s, c, p)
+    assert (adapted - before).abs().mean() > 1e-4 and torch.allclose(after, adapted, atol=1e-6, rtol=0)
+
+
+_counter = [0]
+
+
+def _saved(tensors, folder=None, name=None):
+    import tempfile
+    from pathlib import Path
+
+    _counter[0] += 1
+    path = Path(folder or tempfile.mkdtemp()) / (name or f"lora{_counter[0]}.safetensors")
+    save_file(tensors, path)
+    return str(path)
+
+
+def test_kohya_layout_follows_comfyui_key_rules_and_converts_back():
+    """ComfyUI's LoRA loader maps, for every model weight model.diffusion_model.K.weight, the key
+    lora_unet_ + K with dots as underscores (comfy/lora.py, model_lora_keys_unet), with lora_up / lora_down / alpha
+    (kohya's names): the file must use exactly those keys, and read back to the same delta-W."""
+    config = model_preset("tiny")
+    model = MMDiT(config)
+    spec = lora.LoraSpec(rank=4, alpha=2)
+    state = random_lora(model, spec)
+    kohya = lora.to_kohya_lora(state, spec.alpha)
+    sai_weights = [k for k in MMDiT(config).state_dict() if k.endswith(".weight")]   # Stability's names (ours)
+    comfy_keys = {"lora_unet_" + k[: -len(".weight")].replace(".", "_") for k in sai_weights}
+    modules = {k.rsplit(".", 2)[0] for k in kohya}
+    assert modules and modules <= comfy_keys
+    assert all(float(kohya[f"{m}.alpha"]) == 2 for m in modules)
+    back = lora.deltas(_saved(kohya), config)
+    for module in back:
+        expected = spec.scale * state[f"{module}.lora_B.weight"] @ state[f"{module}.lora_A.weight"]
+        assert torch.allclose(back[module], expected, atol=1e-6, rtol=0)
+    diffusers = lora.deltas(_saved(lora.to_diffusers_lora(state, config, spec.scale)), config)
+    assert set(diffusers) == set(back) and all(torch.allclose(diffusers[m], back[m], atol=1e-6) for m in back)
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_pipeline, tmp_path_factory):
+    """A random rank-4 LoRA for the tiny pipeline's transformer, in all three layouts."""
+    folder = tmp_path_factory.mktemp("lora")
+    model = load_mmdit(tiny_pipeline / "transformer")
+    spec = lora.LoraSpec(rank=4, alpha=8)
+    state = random_lora(model, spec, std=0.2)
+    paths = {"diffusers": _saved(lora.to_diffusers_lora(state, model.config, spec.scale), folder, "diffusers.safetensors"),
+             "kohya": _saved(lora.to_kohya_lora(state, spec.alpha), folder, "kohya.safetensors"),
+             "ours": str(folder / "ours.safetensors")}
+    save_file(state, folder / "ours.safetensors", metadata={"mmdit_lora": json.dumps({"rank": 4, "alpha": 8})})
+    return paths
+
+
+def test_sample_with_lora_equals_diffusers_load_lora_weights(tiny_pipeline, tiny_lora, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    theirs_pipe = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline)
+    theirs_pipe.load_lora_weights(tiny_lora["diffusers"])
+    args = dict(num_inference_steps=4, guidance_scale=5.0, width=64, height=48, max_sequence_length=40)
+    theirs = theirs_pipe([PROMPT], generator=[torch.Generator().manual_seed(3)], output_type="np", **args).images
+    theirs = (theirs * 255).round().astype(np.uint8)[0]
+    plain = diffusers_images(tiny_pipeline, [3])[0]
+    assert np.abs(theirs.astype(float) - plain).mean() > 2   # the LoRA changes the picture
+    for layout in ("diffusers", "kohya", "ours"):
+        out = tmp_path / f"{layout}.png"
+        sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--seed", "3", "--out", str(out),
+                         *COMMON, "--lora", tiny_lora[layout]])
+        assert_same_image(read(out), theirs)
+    # the merged model, saved and loaded as a whole, draws it too
+    merged = load_mmdit(tiny_pipeline / "transformer")
+    lora.apply_loras(merged, [(tiny_lora["kohya"], 1.0)])
+    single = tmp_path / "merged.safetensors"
+    save_mmdit(merged, single, "sai")
+    # half a LoRA is half the delta: scale 0.5 twice equals scale 1 once
+    twice = tmp_path / "twice.png"
+    sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--seed", "3", "--out", str(twice), *COMMON,
+                     "--lora", f"{tiny_lora['kohya']}:0.5", f"{tiny_lora['diffusers']}:0.5"])
+    assert_same_image(read(twice), theirs)
+    assert json.loads(__import__("PIL.Image").Image.open(twice).text["parameters"])["loras"][0][1] == 0.5
+
+
+def test_bad_loras_are_one_line(tiny_pipeline, tiny_lora, tmp_path, capsys):
+    deeper = MMDiT(model_preset("tiny").__class__(**{**model_preset("tiny").to_dict(), "depth": 5}))
+    state = random_lora(deeper, lora.LoraSpec(rank=2))
+    other_depth = _saved(lora.to_kohya_lora(state, 2), tmp_path, "deeper.safetensors")
+    pickled = tmp_path / "lora.pt"
+    torch.save({}, pickled)
+    cases = [([other_depth], "(another architecture"),
+             ([str(pickled)], "is not a .safetensors file; pickle files are read only with --allow-pickle"),
+             ([f"{tiny_lora['kohya']}:strong"], "the scale after ':' must be a number, got 'strong'"),
+             ([str(tmp_path / "missing.safetensors")], "is not a file")]
+    for lora_args, match in cases:
+        out = tmp_path / "never.png"
+        with pytest.raises(SystemExit) as err:
+            sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--out", str(out), *COMMON,
+                             "--lora", *lora_args])
+        message = capsys.readouterr().err
+        assert err.value.code == 2 and match in message and len(message.strip().splitlines()) == 1, message
+        assert not out.exists()
