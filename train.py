@@ -45,26 +45,30 @@ def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0
 
 
 def update_ema(ema, weights: dict, decay: float):
-    """ema <- decay * ema + (1 - decay) * weights (a state dict: master_weights), in fp32, parameters and buffers."""
+    """ema <- decay * ema + (1 - decay) * weights (a state dict: master_weights; with LoRA the adapters only), in
+    fp32, parameters and buffers."""
     import torch
 
     with torch.no_grad():
-        pairs = [(e, weights[k]) for k, e in ema.state_dict().items() if e.dtype.is_floating_point]
+        averaged = ema.state_dict()
+        pairs = [(averaged[k], w) for k, w in weights.items() if averaged[k].dtype.is_floating_point]
         targets = [m if m.dtype == e.dtype else m.to(e.dtype) for e, m in pairs]
         torch._foreach_lerp_([e for e, _ in pairs], targets, 1 - decay)  # one fused pass instead of one per tensor
 
 
-def master_weights(raw_model, fixed: dict | None) -> dict:
+def master_weights(raw_model, fixed: dict | None, trained_only: bool = False) -> dict:
     """The weights to average and save: the module's own state dict; or, where DeepSpeed's module holds only bf16
     copies or ZeRO-3 shards (fixed is not None), the optimizer's fp32 master of every trained parameter (collective:
     every rank must call it) with `fixed`, the frozen parameters and buffers as they were before DeepSpeed cast or
-    split them (they never change)."""
+    split them (they never change). trained_only (LoRA): the trained parameters alone."""
     if fixed is None:
+        if trained_only:
+            return {name: p.detach() for name, p in raw_model.named_parameters() if p.requires_grad}
         return raw_model.state_dict()
     from deepspeed.utils import safe_get_full_fp32_param
 
     trained = {name: safe_get_full_fp32_param(p) for name, p in raw_model.named_parameters() if p.requires_grad}
-    return {**fixed, **trained}
+    return trained if trained_only else {**fixed, **trained}
 
 
 def parse_args(argv=None):
@@ -167,7 +171,9 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "no such folder"
     states = sorted(folder.glob("state_rank*.pt"))
     engine = [folder / "deepspeed"] if (folder / "deepspeed").is_dir() else [folder / "optimizer.pt"]
-    for path in [folder / "model.safetensors", folder / "ema.safetensors", *engine, *(states or [folder / "state_rank0.pt"])]:
+    weights = ["lora.safetensors", "ema_lora.safetensors"] if (folder / "lora.safetensors").exists() \
+        else ["model.safetensors", "ema.safetensors"]   # a LoRA run's checkpoints hold its adapters only
+    for path in [*(folder / w for w in weights), *engine, *(states or [folder / "state_rank0.pt"])]:
         if not path.exists():
             return f"{path.name} is missing"
         try:
@@ -192,12 +198,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimizer, state: dict, keep: int,
-                    accelerator=None, deepspeed_engine: bool = False) -> Path:
+                    accelerator=None, deepspeed_engine: bool = False, lora_metadata: dict | None = None) -> Path:
     """Everything a bit-exact resume needs, written into a temporary folder that is renamed into place; the oldest
-    beyond `keep` are removed. Under DeepSpeed every rank writes its optimizer shard and its own RNG / data state."""
+    beyond `keep` are removed. Under DeepSpeed every rank writes its optimizer shard and its own RNG / data state.
+    lora_metadata (a LoRA run): the adapters alone, ours and EMA (lora.safetensors, ema_lora.safetensors), never
+    the frozen base."""
     import torch
 
-    from mmdit.checkpoint import save_mmdit
+    from mmdit.checkpoint import atomic_save_file, save_mmdit
+    from mmdit.lora import trained_lora
 
     rank = accelerator.process_index if accelerator else 0
     barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
@@ -208,11 +217,15 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
         tmp.mkdir(parents=True)
     barrier()
     raw = accelerator.unwrap_model(model) if accelerator else model
-    if rank == 0:
+    if rank == 0 and lora_metadata is not None:
+        atomic_save_file(tmp / "lora.safetensors", {k.replace(".default.", "."): v.float() for k, v in weights.items()},
+                         lora_metadata)
+        atomic_save_file(tmp / "ema_lora.safetensors", trained_lora(ema), lora_metadata)
+    elif rank == 0:
         save_mmdit(raw, tmp / "model.safetensors", "native", state=weights)
         save_mmdit(ema, tmp / "ema.safetensors", "native")
-    if deepspeed_engine:
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="state")  # collective: each rank its optimizer shard
+    if deepspeed_engine:   # collective: each rank its optimizer shard (a LoRA run's engine state leaves the base out)
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=lora_metadata is not None)
     elif rank == 0:   # one process, or DDP: every rank holds the same optimizer state
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(state, tmp / f"state_rank{rank}.pt")
@@ -434,35 +447,48 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
 
     from mmdit.checkpoint import load_mmdit
     from mmdit.loader import DataPosition, ReadTally
+    from mmdit.lora import add_lora, load_lora_state, lora_twin
     from mmdit.model import MMDiT
 
     torch.manual_seed(cfg.train.seed)
     model = (load_mmdit(cfg.model.init_from, dtype=torch.float32) if cfg.model.init_from
              else MMDiT(cfg.model.build_config())).to(procs.device)
     model.activation_checkpointing = cfg.model.activation_checkpointing
+    spec = cfg.model.lora_spec()
+    if spec is not None:   # only the adapters train; the EMA shares the frozen base and averages the adapters
+        add_lora(model, spec)
     if cfg.train.compile:   # in place: the module, its parameters and their names stay what checkpoints hold
         model.compile()
-    ema = MMDiT(model.config).to(procs.device).requires_grad_(False)  # fp32 whatever the training precision
-    ema.load_state_dict(model.state_dict())
+    if spec is not None:
+        ema = lora_twin(model)
+    else:
+        ema = MMDiT(model.config).to(procs.device).requires_grad_(False)  # fp32 whatever the training precision
+        ema.load_state_dict(model.state_dict())
     # The fused kernel (CPU and CUDA) is much faster than the per-tensor loop; DeepSpeed keeps its own step path.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
                                   fused=not procs.deepspeed)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + procs.rank)
-    if resume is not None:
+    if resume is not None and spec is not None:
+        from safetensors.torch import load_file
+
+        load_lora_state(model, load_file(resume / "lora.safetensors"))
+        load_lora_state(ema, load_file(resume / "ema_lora.safetensors"))
+    elif resume is not None:
         model.load_state_dict(load_mmdit(resume / "model.safetensors").state_dict())
         ema.load_state_dict(load_mmdit(resume / "ema.safetensors").state_dict())
-        if not procs.deepspeed:
-            optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+    if resume is not None and not procs.deepspeed:
+        optimizer.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
     raw_model, accelerator = model, procs.accelerator
     fixed = None
     if procs.deepspeed and (procs.precision == "bf16" or procs.zero_stage == 3):   # before DeepSpeed casts or splits
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        fixed = {name: t.detach().clone() for name, t in model.state_dict().items() if name not in trained}
+        fixed = {} if spec is not None else \
+            {name: t.detach().clone() for name, t in model.state_dict().items() if name not in trained}
     if procs.deepspeed:
         model, optimizer = accelerator.prepare(model, optimizer)
         if resume is not None:
-            model.load_checkpoint(str(resume / "deepspeed"), tag="state", load_module_strict=True)
+            model.load_checkpoint(str(resume / "deepspeed"), tag="state", load_module_strict=spec is None)  # LoRA: no base inside
     elif accelerator is not None:   # DDP: the model wrapped, the optimizer stays ours (fused, one reduced gradient)
         model = accelerator.prepare_model(model)
     streams = max(1, cfg.data.num_workers)
@@ -486,9 +512,25 @@ def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
     """A checkpoint of the state (collective: every rank calls it at the same step)."""
     saved = {"step": state.step, "data": state.data.to_dict(), "read": state.tally.to_dict(),
              "generator": state.generator.get_state(), "precision": procs.precision}
+    lora = cfg.model.lora_spec() is not None
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
-                           master_weights(state.raw_model, state.fixed), state.ema, state.optimizer, saved,
-                           cfg.train.keep_checkpoints, procs.accelerator, procs.deepspeed)
+                           master_weights(state.raw_model, state.fixed, trained_only=lora), state.ema, state.optimizer,
+                           saved, cfg.train.keep_checkpoints, procs.accelerator, procs.deepspeed,
+                           lora_file_metadata(cfg) if lora else None)
+
+
+def lora_file_metadata(cfg) -> dict:
+    """A LoRA run's file metadata: rank, alpha, targets, the base's sha256 (read once) and the recipe."""
+    from mmdit.config import config_to_dict
+    from mmdit.loading import weights_digest
+    from mmdit.lora import lora_metadata
+
+    if cfg.model.init_from not in _BASE_DIGESTS:
+        _BASE_DIGESTS[cfg.model.init_from] = weights_digest(cfg.model.init_from)
+    return lora_metadata(cfg.model.lora_spec(), _BASE_DIGESTS[cfg.model.init_from], config_to_dict(cfg))
+
+
+_BASE_DIGESTS: dict = {}
 
 
 def epoch_batches(cfg, procs: Processes, position):
@@ -511,6 +553,13 @@ def export(cfg, state: TrainState, run_started: float):
     from mmdit.checkpoint import save_mmdit
 
     ema, out = state.ema, Path(cfg.train.out_dir) / "export"
+    spec = cfg.model.lora_spec()
+    if spec is not None:   # the EMA adapters in the three LoRA layouts, and merged into the base as a whole model
+        from mmdit.lora import merged_model, save_lora_files, trained_lora
+
+        adapters = trained_lora(ema)
+        save_lora_files(adapters, ema.config, spec, out, lora_file_metadata(cfg))
+        ema = merged_model(ema, adapters, spec)
     save_mmdit(ema, out / "ema.safetensors", "native")
     save_mmdit(ema, out / "ema_sai.safetensors", "sai")
     if ema.config.frequency_dim == 256 and ema.config.mlp_ratio == 4.0:
@@ -558,7 +607,8 @@ def optimizer_step(cfg, procs: Processes, state: TrainState):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    update_ema(state.ema, master_weights(state.raw_model, state.fixed), cfg.train.ema_decay)
+    update_ema(state.ema, master_weights(state.raw_model, state.fixed, trained_only=cfg.model.lora_spec() is not None),
+               cfg.train.ema_decay)
     state.step += 1
     return grad_norm
 

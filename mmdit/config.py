@@ -218,12 +218,56 @@ class Settings:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+# What a LoRA may adapt, as suffixes of our module names: both streams' attention projections (and SD3.5's second
+# image attention) and MLPs, as diffusers' SD3 LoRA script and kohya's sd3 network target.
+LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 16
+    alpha: float | None = None           # None = rank (scale 1)
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoraSpec":
+        """model.lora of a recipe; a bad value is a ValueError of one line."""
+        unknown = sorted(set(d) - {"rank", "alpha", "dropout", "targets"})
+        if unknown:
+            raise ValueError(f"unknown key model.lora.{unknown[0]}; accepted: rank, alpha, dropout, targets")
+        rank, alpha, dropout = d.get("rank", 16), d.get("alpha"), d.get("dropout", 0.0)
+        targets = tuple(d.get("targets", LORA_TARGETS))
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 4096:
+            raise ValueError(f"model.lora.rank must be a whole number in [1, 4096], got {rank!r}")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not 0 < alpha < float("inf")):
+            raise ValueError(f"model.lora.alpha must be a positive number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {dropout!r}")
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets:
+            raise ValueError(f"model.lora.targets: {bad[0] if bad else 'none given'}; accepted: "
+                             f"{', '.join(LORA_TARGETS)}")
+        return cls(rank, None if alpha is None else float(alpha), float(dropout), targets)
+
+
+
 @dataclass(frozen=True)
 class ModelSection:
     preset: str = "d24"                  # a name in MODEL_PRESETS
     overrides: dict = dataclasses.field(default_factory=dict)   # MMDiTConfig fields that differ from the preset
     init_from: str | None = None         # a checkpoint in any format load_mmdit reads; None = from scratch
     activation_checkpointing: bool = False
+    # LoRA fine-tuning of init_from (LoraSpec's keys: rank, alpha, dropout, targets); {} = train every weight
+    lora: dict = dataclasses.field(default_factory=dict)
+
+    def lora_spec(self) -> "LoraSpec | None":
+        return LoraSpec.from_dict(self.lora) if self.lora else None
 
     def build_config(self) -> MMDiTConfig:
         try:
@@ -397,6 +441,8 @@ def config_from_dict(d: dict) -> Config:
         raise ValueError(f"unknown config section {unknown[0]!r}; accepted: {', '.join(sections)}")
     config = Config(**sections)
     config.model.build_config()  # a bad preset or model override fails here, before any compute
+    if config.model.lora_spec() is not None and not config.model.init_from:
+        raise ValueError("model.lora adapts a trained model: give model.init_from (a checkpoint, e.g. SD3.5's)")
     choices = [("flow.timestep_sampling", config.flow.timestep_sampling, TIMESTEP_SAMPLERS),
                ("flow.loss_weighting", config.flow.loss_weighting, LOSS_WEIGHTINGS),
                ("train.precision", config.train.precision, PRECISIONS)]

@@ -23,46 +23,9 @@ from pathlib import Path
 import torch
 
 from mmdit.checkpoint import CheckpointError, diffusers_key_table
-from mmdit.config import MMDiTConfig
+from mmdit.config import LORA_TARGETS, LoraSpec, MMDiTConfig
 
-# What a LoRA may adapt, as suffixes of our module names: both streams' attention projections (and SD3.5's second
-# image attention) and MLPs, as diffusers' SD3 LoRA script and kohya's sd3 network target.
-LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj", "mlp.fc1", "mlp.fc2")
 KOHYA_PREFIX = "lora_unet_"
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 16
-    alpha: float | None = None           # None = rank (scale 1)
-    dropout: float = 0.0
-    targets: tuple[str, ...] = LORA_TARGETS
-
-    @property
-    def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoraSpec":
-        """model.lora of a recipe; a bad value is a ValueError of one line."""
-        unknown = sorted(set(d) - {"rank", "alpha", "dropout", "targets"})
-        if unknown:
-            raise ValueError(f"unknown key model.lora.{unknown[0]}; accepted: rank, alpha, dropout, targets")
-        rank, alpha, dropout = d.get("rank", 16), d.get("alpha"), d.get("dropout", 0.0)
-        targets = tuple(d.get("targets", LORA_TARGETS))
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 4096:
-            raise ValueError(f"model.lora.rank must be a whole number in [1, 4096], got {rank!r}")
-        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
-                                  or not 0 < alpha < float("inf")):
-            raise ValueError(f"model.lora.alpha must be a positive number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {dropout!r}")
-        bad = [t for t in targets if t not in LORA_TARGETS]
-        if bad or not targets:
-            raise ValueError(f"model.lora.targets: {bad[0] if bad else 'none given'}; accepted: "
-                             f"{', '.join(LORA_TARGETS)}")
-        return cls(rank, None if alpha is None else float(alpha), float(dropout), targets)
-
 
 def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     """Adapters on model's target modules (in place, through peft); everything else frozen. B starts at zero,
@@ -74,6 +37,7 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     inject_adapter_in_model(config, model)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
+    model.lora_spec = spec
     return model
 
 
@@ -85,12 +49,19 @@ def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]):
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, state)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(f"LoRA tensor {unexpected[0]} has no module in this model")
+    """Our layout's tensors copied into an adapted model's adapters, in place (the optimizer keeps holding the
+    same parameters); every adapter must be given, and nothing else."""
+    params = {name: p for name, p in model.named_parameters() if ".lora_" in name}
+    given = ours_to_module_names(state)
+    unexpected, missing = sorted(set(given) - set(params)), sorted(set(params) - set(given))
+    if unexpected or missing:
+        raise CheckpointError(f"LoRA tensor {(unexpected or missing)[0]} "
+                              f"{'has no module in this model' if unexpected else 'is missing'}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(given[name].shape) != tuple(p.shape):
+                raise CheckpointError(f"LoRA tensor {name} is {tuple(given[name].shape)}, the model's {tuple(p.shape)}")
+            p.copy_(given[name])
 
 
 def _pairs(state: dict[str, torch.Tensor], down: str, up: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -251,3 +222,73 @@ def apply_loras(model: torch.nn.Module, loras: list[tuple[str, float]], allow_pi
             weight = params[f"{module}.weight"]
             with torch.no_grad():   # summed in fp32: a float16 weight plus a small delta would lose it
                 weight.copy_((weight.float() + scale * delta.to(weight.device)).to(weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the EMA twin, checkpoints of adapters only, exports
+
+
+def trained_lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' parameters under our layout's names (peft's adapter name dropped), as they are."""
+    return {name.replace(".default.", "."): p.detach() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def ours_to_module_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our layout's names back to an adapted module's parameter names (peft's adapter 'default')."""
+    return {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+            for k, v in state.items()}
+
+
+def lora_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """An adapted model's EMA: the same frozen base tensors (shared, never copied: the base of SD3.5 Large is
+    16 GB), its own fp32 copies of the adapters, nothing trainable."""
+    from mmdit.model import MMDiT
+
+    spec = model.lora_spec
+    with torch.device("meta"):
+        twin = MMDiT(model.config)
+    add_lora(twin, spec)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    for name, p in twin.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.detach().clone().float()
+    twin.lora_spec = spec
+    return twin.requires_grad_(False)
+
+
+def lora_metadata(spec: LoraSpec, base_sha256: str, recipe: dict | None = None) -> dict[str, str]:
+    """What every LoRA file says of itself (safetensors metadata, strings): rank, alpha, targets, the base's sha256
+    and the recipe, under "mmdit_lora"; and the keys kohya's tools read."""
+    alpha = spec.alpha if spec.alpha is not None else spec.rank
+    record = {"rank": spec.rank, "alpha": alpha, "targets": list(spec.targets), "base_sha256": base_sha256,
+              "recipe": recipe}
+    return {"mmdit_lora": json.dumps(record), "ss_network_dim": str(spec.rank), "ss_network_alpha": str(alpha),
+            "ss_base_model_sha256": base_sha256, "format": "pt"}
+
+
+def save_lora_files(state: dict[str, torch.Tensor], config: MMDiTConfig, spec: LoraSpec, folder: Path,
+                    metadata: dict[str, str], prefix: str = "lora"):
+    """ours (PREFIX.safetensors), diffusers' (PREFIX_diffusers.safetensors) and kohya's / ComfyUI's
+    (PREFIX_kohya.safetensors), each written under a temporary name and renamed."""
+    from mmdit.checkpoint import atomic_save_file
+
+    state = {k: v.float().contiguous() for k, v in state.items()}
+    alpha = spec.alpha if spec.alpha is not None else spec.rank
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(folder / f"{prefix}.safetensors", state, metadata)
+    atomic_save_file(folder / f"{prefix}_diffusers.safetensors", to_diffusers_lora(state, config, spec.scale), metadata)
+    atomic_save_file(folder / f"{prefix}_kohya.safetensors", to_kohya_lora(state, alpha), metadata)
+
+
+def merged_model(base: torch.nn.Module, state: dict[str, torch.Tensor], spec: LoraSpec) -> torch.nn.Module:
+    """A plain MM-DiT: base's weights plus the adapters' delta-W (base unchanged)."""
+    from mmdit.model import MMDiT
+
+    merged = MMDiT(base.config)
+    merged.load_state_dict({k.replace(".base_layer", ""): v.detach().float() for k, v in base.state_dict().items()
+                            if ".lora_" not in k})
+    params = dict(merged.named_parameters())
+    with torch.no_grad():
+        for module, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
+            params[f"{module}.weight"].add_(spec.scale * b.float() @ a.float())
+    return merged

@@ -148,3 +148,88 @@ def test_bad_loras_are_one_line(tiny_pipeline, tiny_lora, tmp_path, capsys):
         message = capsys.readouterr().err
         assert err.value.code == 2 and match in message and len(message.strip().splitlines()) == 1, message
         assert not out.exists()
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+def lora_recipe(tiny_pipeline, shard_root, out, steps, *extra):
+    from tests.test_train import ROOT
+
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={shard_root / 'train'}",
+            f"model.init_from={tiny_pipeline}", "model.lora={rank: 4, alpha: 8}", f"train.out_dir={out}",
+            f"train.steps={steps}", "train.log_every=1", "data.batch_size=2", "train.checkpoint_every=3",
+            "train.keep_checkpoints=5", "data.caption_variant_probs=[1]", "optim.lr=1e-2", "train.val_every=1000",
+            *extra]
+
+
+def test_lora_training_resumes_exactly_saves_adapters_only_and_exports_every_layout(tiny_pipeline, tmp_path):
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tests.test_train import losses, make_pipeline_shards, train_cli
+
+    make_pipeline_shards(tmp_path / "train", 2, 6)
+    train_cli.main(lora_recipe(tiny_pipeline, tmp_path, tmp_path / "whole", 6))
+    train_cli.main(lora_recipe(tiny_pipeline, tmp_path, tmp_path / "split", 3))
+    train_cli.main(lora_recipe(tiny_pipeline, tmp_path, tmp_path / "split", 6) + ["--resume", "latest"])
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 6
+    whole, split = (tmp_path / r / "checkpoints" / "step_00000006" for r in ("whole", "split"))
+    for name in ("lora.safetensors", "ema_lora.safetensors"):
+        a, b = load_file(whole / name), load_file(split / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the checkpoint holds the adapters and their optimizer state, never the base
+    adapters = load_file(whole / "lora.safetensors")
+    count = sum(t.numel() for t in adapters.values())
+    base_count = sum(t.numel() for t in load_mmdit(tiny_pipeline / "transformer").state_dict().values())
+    assert all(".lora_" in k for k in adapters) and count < base_count / 4
+    assert (whole / "lora.safetensors").stat().st_size < count * 4 + 64 * 1024
+    assert (whole / "optimizer.pt").stat().st_size < 3 * count * 4 + 256 * 1024   # AdamW: two moments per value
+    assert not (whole / "model.safetensors").exists() and not (whole / "ema.safetensors").exists()
+    with safe_open(whole / "lora.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["mmdit_lora"])
+    assert meta["rank"] == 4 and meta["alpha"] == 8 and len(meta["base_sha256"]) == 64 and meta["recipe"]["model"]
+    # the trained adapters moved, and the three exports plus the merged model draw one picture
+    assert any(v.abs().max() > 0 for k, v in adapters.items() if "lora_B" in k)
+    export = tmp_path / "whole" / "export"
+    theirs_pipe = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline)
+    theirs_pipe.load_lora_weights(str(export / "lora_diffusers.safetensors"))
+    args = dict(num_inference_steps=4, guidance_scale=5.0, width=64, height=48, max_sequence_length=40)
+    theirs = theirs_pipe([PROMPT], generator=[torch.Generator().manual_seed(3)], output_type="np", **args).images
+    theirs = (theirs * 255).round().astype(np.uint8)[0]
+    merged = tmp_path / "merged"   # the base pipeline with the merged transformer in place of its own
+    shutil.copytree(tiny_pipeline, merged)
+    shutil.rmtree(merged / "transformer")
+    shutil.copytree(export / "transformer", merged / "transformer")
+    for model, lora_file in ((tiny_pipeline, "lora_diffusers"), (tiny_pipeline, "lora_kohya"), (tiny_pipeline, "lora"),
+                             (merged, None)):
+        out = tmp_path / f"{lora_file}.png"
+        extra = ["--lora", str(export / f"{lora_file}.safetensors")] if lora_file else []
+        sample_cli.main(["--model", str(model), "--prompt", PROMPT, "--seed", "3", "--out", str(out), *COMMON, *extra])
+        assert_same_image(read(out), theirs)
+
+
+def test_lora_with_two_processes_under_zero2_resumes_exactly(tiny_pipeline, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.test_train import ROOT, make_pipeline_shards
+
+    make_pipeline_shards(tmp_path / "train", 2, 8)
+    launcher = ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "configs" / "deepspeed" / "zero2.json")]
+    from tests.test_train import launch_two
+
+    launch_two(launcher, lora_recipe(tiny_pipeline, tmp_path, tmp_path / "whole", 6))
+    launch_two(launcher, lora_recipe(tiny_pipeline, tmp_path, tmp_path / "split", 3))
+    launch_two(launcher, lora_recipe(tiny_pipeline, tmp_path, tmp_path / "split", 6) + ["--resume", "latest"])
+    for log in ("log.jsonl", "log_rank1.jsonl"):
+        steps = lambda run: {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / run / log).read_text()
+                                                                  .splitlines()) if "loss" in r}
+        assert len(steps("whole")) == 6 and steps("split") == steps("whole")
+    for name in ("lora.safetensors", "ema_lora.safetensors"):
+        a, b = (load_file(tmp_path / r / "checkpoints" / "step_00000006" / name) for r in ("whole", "split"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    engine = tmp_path / "whole" / "checkpoints" / "step_00000006" / "deepspeed"
+    base_bytes = sum(f.stat().st_size for f in (tiny_pipeline / "transformer").glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in engine.rglob("*") if f.is_file()) < base_bytes   # no base inside
