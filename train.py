@@ -340,6 +340,26 @@ class TrainState:
     tally: object = None        # mmdit.loader.ReadTally: shards that failed, samples skipped
 
 
+def check_shares(sources, cfg, world: int):
+    """Where the manifests give counts: every rank's loader streams must make at least one batch in the first
+    epoch (a rank with none would stop while the others wait for it)."""
+    from mmdit.loader import epoch_shards
+
+    if any(s.counts is None for s in sources):
+        return
+    streams = max(1, cfg.data.num_workers)
+    per_stream = [0] * (world * streams)
+    for i, (_, count) in enumerate(epoch_shards(sources, cfg.train.seed, 0)):
+        per_stream[i % len(per_stream)] += count
+    for rank in range(world):
+        most = max(per_stream[rank * streams:(rank + 1) * streams])
+        if most < cfg.data.batch_size:
+            shards = sum(len(s.urls) for s in sources)
+            raise ValueError(f"epoch 0 gives rank {rank} no batch: its loader streams hold at most {most} samples "
+                             f"and data.batch_size is {cfg.data.batch_size}; give more shards than ranks x loader "
+                             f"workers ({shards} shards for {world} x {streams}) or a smaller batch")
+
+
 def check_recipe(args):
     """The recipe, its shards (made first when data.prepare says how) and the checkpoint to resume from: every
     error here, as one line, before any compute."""
@@ -362,8 +382,12 @@ def check_recipe(args):
         if not cfg.data.shards:
             raise ValueError("data.shards is empty: give a shard folder (with manifest.json), a manifest, a pattern "
                              "or URL, e.g. data.shards=shards/train or data.shards='shards/{00000..00009}.tar'")
-        checked = [parse_sources(cfg.data.shards)] + ([parse_sources(cfg.data.val_shards)] if cfg.data.val_shards else [])
-        parse_sources([s.spec for sources in checked for s in sources])   # train and val shards: one encoder set
+        timeout = cfg.data.timeout
+        checked = [parse_sources(cfg.data.shards, timeout)] + \
+            ([parse_sources(cfg.data.val_shards, timeout)] if cfg.data.val_shards else [])
+        parse_sources([s for sources in checked for s in sources])   # train and val shards: one encoder set
+        if not cfg.data.resampled:
+            check_shares(checked[0], cfg, int(os.environ.get("WORLD_SIZE", "1")))
         for sources in checked:
             absent = missing_local(sources)
             if absent:   # an epoch of what is left would silently train on less
@@ -533,19 +557,46 @@ def lora_file_metadata(cfg) -> dict:
 _BASE_DIGESTS: dict = {}
 
 
-def epoch_batches(cfg, procs: Processes, position):
-    """This rank's batches of position's epoch, those already trained on left out (mmdit.loader)."""
+def read_policy(cfg):
+    from mmdit.sources import ReadPolicy
+
+    return ReadPolicy(retries=cfg.data.retries, retry_delay=cfg.data.retry_delay, timeout=cfg.data.timeout)
+
+
+def epoch_batches(cfg, procs: Processes, position, sources):
+    """This rank's batches of position's epoch, those already trained on left out (mmdit.loader); sources: the
+    recipe's data.shards, parsed once at the start."""
     import torch
 
     from mmdit.loader import ShardDataset
-    from mmdit.sources import ReadPolicy
 
-    policy = ReadPolicy(retries=cfg.data.retries, retry_delay=cfg.data.retry_delay, timeout=cfg.data.timeout)
-    dataset = ShardDataset(cfg.data.shards, cfg.data.batch_size, seed=cfg.train.seed, epoch=position.epoch,
+    dataset = ShardDataset(sources, cfg.data.batch_size, seed=cfg.train.seed, epoch=position.epoch,
                            rank=procs.rank, world_size=procs.world, shuffle_buffer=cfg.data.shuffle_buffer,
                            resampled=cfg.data.resampled, variant_probs=list(cfg.data.caption_variant_probs),
-                           position=position, policy=policy, end_markers=True)
+                           position=position, policy=read_policy(cfg), end_markers=True)
     return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
+
+
+def validation_batches(cfg) -> list:
+    """The fixed validation set: the first 4 batches of data.val_shards, read in order. None at all stops the run;
+    shards that failed are said, since the set then differs from a run that read them."""
+    from mmdit.loader import ShardDataset
+
+    batches, report = [], None
+    for batch in ShardDataset(cfg.data.val_shards, cfg.data.batch_size, seed=0, shuffle_buffer=1,
+                              policy=read_policy(cfg)):
+        batches.append(batch)
+        report = batch["read"]
+        if len(batches) == 4:
+            break
+    if not batches:
+        fail(f"data.val_shards {cfg.data.val_shards} gave no batch of data.batch_size {cfg.data.batch_size} (shards "
+             f"unreadable, or too few samples); fix them, or leave data.val_shards empty")
+    if report["failed_shards"] or report["corrupt_samples"]:
+        print(f"warning: validation shards: {report['failed_shards']} failed ({', '.join(report['failed'])}), "
+              f"{report['corrupt_samples']} samples skipped; this run's validation set differs from one that read "
+              f"them", file=sys.stderr)
+    return batches
 
 
 def export(cfg, state: TrainState, run_started: float):
@@ -693,7 +744,7 @@ def main(argv=None):
 
     from mmdit import flow
     from mmdit.config import TextLayout
-    from mmdit.loader import DataPosition, ShardDataset, resampled_epoch_batches
+    from mmdit.loader import DataPosition, resampled_epoch_batches
     from mmdit.sources import parse_sources
     from mmdit.text import assemble, sample_keep
 
@@ -705,13 +756,11 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=procs.precision == "bf16")
 
     position = state.data
-    batches = epoch_batches(cfg, procs, position)
-    epoch_length = (resampled_epoch_batches(parse_sources(cfg.data.shards), procs.world, cfg.data.batch_size)
+    train_sources = parse_sources(cfg.data.shards, cfg.data.timeout)   # once: a remote manifest is not read again
+    batches = epoch_batches(cfg, procs, position, train_sources)
+    epoch_length = (resampled_epoch_batches(train_sources, procs.world, cfg.data.batch_size)
                     if cfg.data.resampled else None)   # epoch mode: an epoch ends where its streams do
-    val_batches = []
-    if cfg.data.val_shards:
-        val_set = ShardDataset(cfg.data.val_shards, cfg.data.batch_size, seed=0, shuffle_buffer=1)
-        val_batches = [b for _, b in zip(range(4), val_set)]
+    val_batches = validation_batches(cfg) if cfg.data.val_shards else []
     layout, conditioning = None, None
     drop = {"clip_l": cfg.text.drop_clip_l, "clip_g": cfg.text.drop_clip_g, "t5": cfg.text.drop_t5}
 
@@ -726,7 +775,7 @@ def main(argv=None):
         if epoch_length is not None and position.batches >= epoch_length:   # a resampled epoch is a count
             state.tally.end_epoch()
             state.data = position = DataPosition.start(len(position.consumed), position.epoch + 1)
-            batches = epoch_batches(cfg, procs, position)
+            batches = epoch_batches(cfg, procs, position, train_sources)
         try:
             batch = next(batches)
         except StopIteration:  # end of an epoch: the next one is shuffled anew
@@ -735,7 +784,7 @@ def main(argv=None):
                      f"more than its share of the samples in {cfg.data.shards}, or none could be read")
             state.tally.end_epoch()
             state.data = position = DataPosition.start(len(position.consumed), position.epoch + 1)
-            batches = epoch_batches(cfg, procs, position)
+            batches = epoch_batches(cfg, procs, position, train_sources)
             continue
         except ValueError as e:   # a stream that can yield nothing (mmdit.loader); a loader worker's comes wrapped
             fail(f"data: {str(e).strip().splitlines()[-1].removeprefix('ValueError: ')}")

@@ -64,12 +64,24 @@ def check(args) -> list:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.input:
-        from mmdit.sources import check_scheme, expand, is_remote
+        from mmdit.sources import Source, check_scheme, expand, is_remote, unreachable
 
-        try:
-            inputs = [url for pattern in args.input if check_scheme(pattern) is not None for url in expand(pattern)]
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        inputs = []
+        for pattern in args.input:
+            if Path(pattern).is_dir():   # a folder of img2dataset tars (it writes no manifest): all of them, sorted
+                inputs += sorted(str(p) for p in Path(pattern).glob("*.tar"))
+                continue
+            try:
+                check_scheme(pattern)
+                urls = expand(pattern)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            problem = unreachable(Source(pattern, tuple(urls)))
+            if problem:
+                raise UsageError(f"--input {pattern} cannot be read: {problem}")
+            inputs += urls
+        if not inputs:
+            raise UsageError(f"--input {' '.join(args.input)} names no tar")
         missing = [p for p in inputs if not is_remote(p) and not Path(p).is_file()]
         if missing:
             raise UsageError(f"input shard {missing[0]} does not exist ({len(missing)} missing)")

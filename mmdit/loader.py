@@ -54,16 +54,20 @@ class DataPosition:
 
 def epoch_shards(sources: list[Source], seed: int, epoch: int) -> list[tuple[str, int | None]]:
     """Every shard one epoch reads, (url, manifest count), shuffled with (seed, epoch). A source of weight w is
-    read int(w) times whole, plus a (seed, epoch)-chosen fraction w - int(w) of its shards once more."""
+    read int(w) times whole, plus (seed, epoch)-chosen shards once more: (w - int(w)) x its shard count of them,
+    the fraction of one shard drawn as a chance, so a small source with a small weight is read now and then, on
+    average as often as its weight says."""
     order = []
     for i, source in enumerate(sources):
         urls = list(source.urls)
         whole, part = divmod(source.weight, 1.0)
         chosen = urls * int(whole)
         if part:
+            rng = random.Random(f"{seed}-{epoch}-{i}-part")
             extra = list(urls)
-            random.Random(f"{seed}-{epoch}-{i}-part").shuffle(extra)
-            chosen += extra[:round(part * len(urls))]
+            rng.shuffle(extra)
+            count, chance = divmod(part * len(urls), 1.0)
+            chosen += extra[:int(count) + (rng.random() < chance)]
         order += [(u, source.counts.get(u) if source.counts else None) for u in chosen]
     random.Random(f"{seed}-{epoch}").shuffle(order)
     return order
@@ -167,7 +171,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                  variant_probs: list[float] | None = None, position: DataPosition | None = None,
                  policy: ReadPolicy = ReadPolicy(), end_markers: bool = False):
         super().__init__()
-        self.sources = sources if sources and isinstance(sources[0], Source) else parse_sources(sources)
+        self.sources = parse_sources(sources)   # a list of Source (parsed once by the caller) passes as it is
         self.batch_size, self.seed, self.epoch, self.rank, self.world_size = batch_size, seed, epoch, rank, world_size
         self.shuffle_buffer, self.resampled, self.variant_probs = shuffle_buffer, resampled, variant_probs
         self.position, self.policy, self.end_markers = position, policy, end_markers

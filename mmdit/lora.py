@@ -17,7 +17,6 @@ the kohya file keeps B as trained with its alpha, as kohya's trainer writes it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -292,3 +291,64 @@ def merged_model(base: torch.nn.Module, state: dict[str, torch.Tensor], spec: Lo
         for module, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
             params[f"{module}.weight"].add_(spec.scale * b.float() @ a.float())
     return merged
+
+
+def export_checkpoint(checkpoint: Path, out: Path, base: str | None = None, raw: bool = False) -> Path:
+    """A LoRA run's checkpoint (its EMA adapters, or with raw the trained ones) in the three LoRA layouts, and
+    merged into its base as a whole model (native, Stability and diffusers formats). base: the model the run
+    adapted (default: its recipe's model.init_from); its sha256 must be the one the adapters were trained on."""
+    from safetensors.torch import load_file
+
+    from mmdit.checkpoint import load_mmdit, save_mmdit
+    from mmdit.loading import weights_digest
+
+    source = checkpoint / ("lora.safetensors" if raw else "ema_lora.safetensors")
+    if not source.is_file():
+        raise CheckpointError(f"{checkpoint} holds no {source.name}: not a checkpoint of a LoRA run (model.lora)")
+    record = _metadata(source)
+    if not record.get("rank"):
+        raise CheckpointError(f"{source} carries no LoRA metadata (rank, alpha, base): written by another tool?")
+    base = base or ((record.get("recipe") or {}).get("model") or {}).get("init_from")
+    if not base:
+        raise CheckpointError(f"{source} names no base model: give --base")
+    digest = weights_digest(base)
+    if record.get("base_sha256") and digest != record["base_sha256"]:
+        raise CheckpointError(f"--base {base} is not the model these adapters were trained on (sha256 {digest[:12]}, "
+                              f"the adapters' {record['base_sha256'][:12]})")
+    spec = LoraSpec.from_dict({k: record[k] for k in ("rank", "alpha", "targets") if k in record})
+    model = load_mmdit(base, dtype=torch.float32)
+    state = load_file(source)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = lora_metadata(spec, digest, record.get("recipe"))
+    save_lora_files(state, model.config, spec, out, metadata)
+    merged = merged_model(model, state, spec)
+    save_mmdit(merged, out / "merged.safetensors", "native")
+    save_mmdit(merged, out / "merged_sai.safetensors", "sai")
+    save_mmdit(merged, out / "merged_transformer", "diffusers")
+    return out
+
+
+def main(argv=None):
+    import argparse
+
+    from mmdit.cli import fail, one_line
+
+    parser = argparse.ArgumentParser(prog="python3 -m mmdit.lora", description="LoRA files from a LoRA run's "
+                                     "checkpoint: ours, diffusers' (load_lora_weights), kohya's / ComfyUI's, and "
+                                     "the merged model in the native, Stability and diffusers formats.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="export a checkpoint folder (runs/NAME/checkpoints/step_*)")
+    export.add_argument("checkpoint")
+    export.add_argument("--out", required=True, help="the folder to write into")
+    export.add_argument("--base", help="the adapted model (default: the recipe's model.init_from)")
+    export.add_argument("--raw", action="store_true", help="the trained adapters instead of their EMA")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base, args.raw)
+    except (ValueError, OSError) as e:
+        fail("python3 -m mmdit.lora", one_line(e))
+    print(f"wrote {out}/lora.safetensors, lora_diffusers.safetensors, lora_kohya.safetensors and the merged model")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,17 +50,17 @@ class Options:
 # ---- inputs: (key, image bytes or None, {"txt": str, "json": dict}) per sample ---------------------------------
 
 def read_webdataset_tar(url, stats):
-    """Samples of an img2dataset tar (a path, URL or pipe: command: mmdit.sources); a tar that cannot be read or
-    breaks off yields what it held and is counted."""
-    from mmdit.sources import tar_groups
+    """Samples of an img2dataset tar (a path, URL or pipe: command: mmdit.sources, with its retries); a tar that
+    cannot be read or breaks off for good yields what it held and is counted (truncated_inputs)."""
+    from mmdit.sources import ReadStats, read_groups
 
-    try:
-        for key, members in tar_groups(url):
-            yield key, {ext.lower(): data for ext, data in members.items()}
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    read = ReadStats()
+    for key, members in read_groups(url, read):
+        yield key, {ext.lower(): data for ext, data in members.items()}
+    if read.failed_shards:
         stats["truncated_inputs"] = stats.get("truncated_inputs", 0) + 1
-        log.warning("input %s is truncated or unreadable (%s): its remaining samples are skipped", url,
-                    str(e).split(" @ ")[0])
+    if read.retries:
+        stats["input_retries"] = stats.get("input_retries", 0) + read.retries
 
 
 def folder_blocks(folder, captions_file, per_shard):

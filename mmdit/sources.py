@@ -84,22 +84,23 @@ def expand(pattern: str) -> list[str]:
     from braceexpand import braceexpand
 
     urls = list(braceexpand(pattern))
-    bad = [u for u in urls if "{" in u or "}" in u]
+    # A command may hold braces of its own (${HOME}, awk '{print}'): only an empty expansion is refused there.
+    bad = [] if pattern.startswith("pipe:") else [u for u in urls if "{" in u or "}" in u]
     if not urls or bad:
         raise ValueError(f"shard pattern {pattern!r} has an empty or malformed brace range; accepted: "
                          f"{{00000..00099}} or {{a,b,c}}")
     return urls
 
 
-def read_text(url: str) -> str:
+def read_text(url: str, timeout: float = 30) -> str:
     """A small file (a manifest) through webdataset's opener."""
-    stream = open_url(url, timeout=30)
+    stream = open_url(url, timeout=timeout)
     try:
         data = stream.read()
     except OSError:
         data = None
-    failed = _command_error(stream)
     _close(stream)
+    failed = _command_error(stream)
     if failed or data is None:
         raise failed or OSError("the read failed")
     return data.decode("utf-8")
@@ -118,8 +119,15 @@ def _checked_manifest(text: str, where: str) -> dict:
     return manifest
 
 
-def parse_source(spec: str, weight: float = 1.0) -> Source:
+def _is_manifest(spec: str) -> bool:
+    if _scheme(spec) == "pipe":   # a command that names a .json file (cat m.json, aws s3 cp s3://b/m.json -)
+        return any(word.endswith(".json") for word in spec[5:].split())
+    return (urlparse(spec).path if _scheme(spec) else spec).endswith(".json")
+
+
+def parse_source(spec, weight: float = 1.0, timeout: float = 30) -> Source:
     """One spec (see the module's docstring) -> a Source; a bad one is a ValueError of one line."""
+    spec = os.fspath(spec) if isinstance(spec, os.PathLike) else spec
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a shard source must be a non-empty string, got {spec!r}")
     if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 < weight < float("inf")):
@@ -130,14 +138,17 @@ def parse_source(spec: str, weight: float = 1.0) -> Source:
         if not (local / MANIFEST).is_file():
             raise ValueError(f"shard folder {spec} has no {MANIFEST}; give one, or a pattern such as "
                              f"{spec.rstrip('/')}/{{00000..00009}}.tar")
-        return _from_manifest(spec, str(local / MANIFEST), weight, base=str(local) + "/")
+        return _from_manifest(spec, str(local / MANIFEST), weight, timeout)
     if local is not None and not local.exists() and "{" not in spec and not spec.endswith(".tar"):
         raise ValueError(f"shard source {spec} does not exist; accepted: a folder with {MANIFEST}, a manifest, a "
                          f".tar, a brace pattern, a URL or a pipe: command")
-    if spec.endswith(".json"):
+    if _is_manifest(spec):
+        if scheme == "pipe":   # its shards would be named relative to nothing
+            raise ValueError(f"shard source {spec!r}: a manifest is read from a path or URL, not a pipe: command; "
+                             f"give the shards as a pattern ('pipe:aws s3 cp s3://b/x-{{000..009}}.tar -')")
         if local is not None and not local.is_file():
             raise ValueError(f"shard manifest {spec} does not exist")
-        return _from_manifest(spec, str(local) if local is not None else spec, weight, base=None)
+        return _from_manifest(spec, str(local) if local is not None else spec, weight, timeout)
     urls = expand(spec)
     counts, identities = None, None
     if local is not None:   # a local pattern: the folder's manifest, if any, for exactly the shards named
@@ -151,24 +162,37 @@ def parse_source(spec: str, weight: float = 1.0) -> Source:
     return Source(spec, tuple(urls), float(weight), counts, identities)
 
 
-def _from_manifest(spec: str, where: str, weight: float, base: str | None) -> Source:
+def beside(where: str, name: str) -> str:
+    """The path or URL of a file named in the manifest at `where`: its folder, whatever the scheme (urljoin knows
+    only some: gs://b/s/manifest.json and 00000.tar must give gs://b/s/00000.tar)."""
+    if not is_remote(where):
+        return str(Path(where).parent / name)
+    if _scheme(where) in ("http", "https"):
+        return urljoin(where, name)
+    base = where.split("?", 1)[0]
+    return base[: base.rindex("/") + 1] + name
+
+
+def _from_manifest(spec: str, where: str, weight: float, timeout: float = 30) -> Source:
     try:
-        text = read_text(where)
+        text = read_text(where, timeout)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read shard manifest {where}: {e}") from None
     manifest = _checked_manifest(text, where)
-    if base is None:
-        base = where if is_remote(where) else str(Path(where).parent) + "/"
-    join = (lambda name: urljoin(base, name)) if is_remote(where) else (lambda name: str(Path(base) / name))
-    counts = {join(name): int(n) for name, n in sorted(manifest["shards"].items())}
+    counts = {beside(where, name): int(n) for name, n in sorted(manifest["shards"].items())}
     if not counts:
         raise ValueError(f"shard manifest {where} names no shards")
     return Source(spec, tuple(counts), float(weight), counts, manifest.get("identities"))
 
 
-def parse_sources(spec) -> list[Source]:
-    """data.shards as written: one spec, or a list of specs and {source: SPEC, weight: W} mappings."""
-    entries = [spec] if isinstance(spec, str) else list(spec)
+def parse_sources(spec, timeout: float = 30) -> list[Source]:
+    """data.shards as written: one spec, or a list of specs and {source: SPEC, weight: W} mappings. Read once, at
+    the start of a run: a remote manifest is not fetched again, so an epoch means what it meant at the start."""
+    if isinstance(spec, Source):
+        return [spec]
+    entries = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if entries and all(isinstance(e, Source) for e in entries):
+        return entries
     if not entries:
         raise ValueError("no shard source given: e.g. data.shards=shards/train or 'shards/{00000..00009}.tar'")
     sources = []
@@ -177,9 +201,9 @@ def parse_sources(spec) -> list[Source]:
             unknown = sorted(set(entry) - {"source", "weight"})
             if unknown or "source" not in entry:
                 raise ValueError(f"shard source {entry!r}: accepted keys are source and weight")
-            sources.append(parse_source(entry["source"], entry.get("weight", 1.0)))
+            sources.append(parse_source(entry["source"], entry.get("weight", 1.0), timeout))
         else:
-            sources.append(parse_source(entry))
+            sources.append(parse_source(entry, timeout=timeout))
     known = [s for s in sources if s.identities is not None]
     for s in known[1:]:
         if identity_key(s.identities) != identity_key(known[0].identities):
@@ -212,8 +236,8 @@ def unreachable(source: Source, probes: int = 3, timeout: float = 30) -> str | N
             whole = len(stream.read(tarfile.BLOCKSIZE)) == tarfile.BLOCKSIZE
         except OSError:
             whole = False
-        failed = None if whole else _command_error(stream)
         _close(stream)
+        failed = None if whole else _command_error(stream, closed=True)
         if whole:
             return None
         errors.append(f"{url}: {failed or 'shorter than one tar block'}")
@@ -247,35 +271,44 @@ class _Tracked:
     """A stream that keeps its byte count and last two blocks, so the end-of-archive marker can be checked."""
 
     def __init__(self, stream):
-        self.stream, self.bytes, self.tail = stream, 0, b""
+        self.stream, self.bytes, self.tail, self.head = stream, 0, b"", b""
 
     def read(self, n=-1):
         data = self.stream.read(n)
+        if len(self.head) < 6:
+            self.head += data[: 6 - len(self.head)]
         self.bytes += len(data)
         self.tail = (self.tail + data)[-2 * tarfile.BLOCKSIZE:]
         return data
+
+    @property
+    def compressed(self) -> bool:   # gzip, bzip2, xz: their own end markers and checksums catch a cut
+        return self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
 
     def drain(self):
         while self.read(1 << 16):
             pass
 
 
-def _command_status(stream) -> int | None:
-    """The exit status of a pipe's command (webdataset's Pipe), waiting briefly for it; None for a file."""
+def _command_error(stream, closed: bool = False) -> OSError | None:
+    """Why a pipe's command (webdataset's Pipe) failed, from its exit status, or None (a file, or success). Read
+    after the stream is closed where it broke off: a command still writing into a full pipe would never exit."""
     proc = getattr(stream, "proc", None)
     if proc is None:
         return None
     try:
-        return proc.wait(timeout=10)
+        status = proc.wait(timeout=10)
     except Exception:
         return None
-
-
-def _command_error(stream) -> OSError | None:
-    status = _command_status(stream)
-    if status in (None, 0, 141, -13):   # 141 / -13: stopped by SIGPIPE because the reader stopped early
+    if status == 0 or closed and status in (141, -13, 23):   # stopped by our closing the pipe (SIGPIPE; curl: 23)
         return None
     return OSError(CURL_ERRORS.get(status, f"the command exited with status {status}"))
+
+
+def reason(error: BaseException) -> str:
+    """An error's first argument (webdataset appends the stream and URL to its exceptions' arguments)."""
+    first = error.args[0] if error.args else ""
+    return (str(first).split(" @ ")[0].strip() if isinstance(first, str) else str(error)) or type(error).__name__
 
 
 def _close(stream):
@@ -301,10 +334,14 @@ def tar_groups(url: str, timeout: float = 30):
                     yield held
                 held = (Path(group["__key__"]).name, {k: v for k, v in group.items() if not k.startswith("__")})
             tracked.drain()
-            if tracked.bytes % tarfile.BLOCKSIZE or tracked.tail != bytes(2 * tarfile.BLOCKSIZE):
+            whole = tracked.compressed or (tracked.bytes % tarfile.BLOCKSIZE == 0
+                                           and tracked.tail == bytes(2 * tarfile.BLOCKSIZE))
+            if not whole:
                 raise tarfile.ReadError("no end-of-archive marker (cut short)")
         except (OSError, tarfile.TarError, EOFError, ValueError) as e:
-            raise (_command_error(stream) or e) from None
+            _close(stream)
+            raise (_command_error(stream, closed=True) or e) from None
+        _close(stream)
         failed = _command_error(stream)   # a download that failed even though its bytes looked whole
         if failed:
             raise failed
@@ -336,13 +373,12 @@ class ReadPolicy:
     timeout: float = 30.0            # connect timeout and stall limit, seconds
 
 
-def read_shard(url: str, stats: ReadStats | None = None, policy: ReadPolicy = ReadPolicy(),
-               expected: int | None = None):
-    """The decoded samples of one shard, in order. A shard that cannot be opened or breaks off is retried
-    (remote ones, policy.retries times, skipping what was already yielded, so nothing repeats), then counted and
-    logged once with its name; a sample that does not decode is skipped and counted. expected (from a manifest):
-    a shard that gives fewer groups is cut short."""
-    url, stats = str(url), stats if stats is not None else ReadStats()
+def read_groups(url: str, stats: ReadStats, policy: ReadPolicy = ReadPolicy(), expected: int | None = None):
+    """(key, members) of one tar, in order, through tar_groups. A tar that cannot be opened or breaks off is
+    retried (remote ones, policy.retries times, skipping the groups already yielded, so nothing repeats), then
+    counted in stats and logged once with its name. expected (from a manifest): a tar that gives fewer groups is
+    cut short."""
+    url = str(url)
     done, attempts = 0, 1 + (policy.retries if is_remote(url) else 0)
     for attempt in range(attempts):
         if attempt:
@@ -352,24 +388,32 @@ def read_shard(url: str, stats: ReadStats | None = None, policy: ReadPolicy = Re
         try:
             for key, members in tar_groups(url, policy.timeout):
                 seen += 1
-                if seen <= done:
-                    continue
-                done = seen
-                try:
-                    sample = decode_sample(members)
-                except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
-                    stats.corrupt_samples += 1
-                    logger.warning("skipping sample %s of %s: %s", key, url, e)
-                    continue
-                stats.samples += 1
-                yield sample
+                if seen > done:
+                    done = seen
+                    yield key, members
             if expected is not None and seen < expected:
                 raise tarfile.ReadError(f"{seen} samples where its manifest says {expected}")
             return
         except (OSError, tarfile.TarError, EOFError, ValueError) as e:
-            reason = str(e).split(" @ ")[0].strip() or type(e).__name__
+            why = reason(e)
     stats.failed_shards += 1
     if url not in stats.failed:
-        stats.failed[url] = reason
-        logger.warning("shard %s failed (%s) after %d attempt(s); its remaining samples are skipped", url, reason,
+        stats.failed[url] = why
+        logger.warning("shard %s failed (%s) after %d attempt(s); its remaining samples are skipped", url, why,
                        attempts)
+
+
+def read_shard(url: str, stats: ReadStats | None = None, policy: ReadPolicy = ReadPolicy(),
+               expected: int | None = None):
+    """The decoded samples of one shard, in order (read_groups: retries, faults counted and logged once); a sample
+    that does not decode is skipped and counted."""
+    stats = stats if stats is not None else ReadStats()
+    for key, members in read_groups(url, stats, policy, expected):
+        try:
+            sample = decode_sample(members)
+        except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+            stats.corrupt_samples += 1
+            logger.warning("skipping sample %s of %s: %s", key, url, e)
+            continue
+        stats.samples += 1
+        yield sample

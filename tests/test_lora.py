@@ -199,6 +199,17 @@ def test_lora_training_resumes_exactly_saves_adapters_only_and_exports_every_lay
     args = dict(num_inference_steps=4, guidance_scale=5.0, width=64, height=48, max_sequence_length=40)
     theirs = theirs_pipe([PROMPT], generator=[torch.Generator().manual_seed(3)], output_type="np", **args).images
     theirs = (theirs * 255).round().astype(np.uint8)[0]
+    # the export command on the last checkpoint writes what the run's end wrote
+    lora.main(["export", str(whole), "--out", str(tmp_path / "again")])
+    for name in ("lora", "lora_diffusers", "lora_kohya"):
+        a, b = load_file(export / f"{name}.safetensors"), load_file(tmp_path / "again" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_mmdit(f).state_dict() for f in (export / "ema.safetensors", tmp_path / "again" / "merged.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):   # another base than the one trained on is refused
+        lora.main(["export", str(whole), "--out", str(tmp_path / "never"), "--base",
+                   str(tmp_path / "again" / "merged.safetensors")])
+    assert not (tmp_path / "never").exists()
     merged = tmp_path / "merged"   # the base pipeline with the merged transformer in place of its own
     shutil.copytree(tiny_pipeline, merged)
     shutil.rmtree(merged / "transformer")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from mmdit import loader, shards, sources
+from mmdit import loader, sources
 from mmdit.checkpoint import load_mmdit
 from mmdit.testing import ShardServer
 from tests.test_train import ACCELERATE_DEEPSPEED_2, ROOT, args, losses, make_shards, train_cli
@@ -85,8 +85,45 @@ def test_weights_repeat_sources_per_epoch(shard_root):
     folder = str(shard_root / "train")
     urls = [u for u, _ in loader.epoch_shards(sources.parse_sources([{"source": folder, "weight": 2}]), 0, 0)]
     assert sorted(urls) == sorted(sources.parse_source(folder).urls * 2)
-    half = [u for u, _ in loader.epoch_shards(sources.parse_sources([{"source": folder, "weight": 1.34}]), 0, 0)]
-    assert len(half) == 4 and set(half) == set(sources.parse_source(folder).urls)
+    # a fraction of a shard is a chance per epoch: on average a source is read as often as its weight says
+    mixed = sources.parse_sources([{"source": folder, "weight": 1.34}, {"source": str(shard_root / "val"),
+                                                                       "weight": 0.5}])
+    epochs = [loader.epoch_shards(mixed, 0, e) for e in range(400)]
+    from_train = [sum("train" in u for u, _ in order) for order in epochs]
+    from_val = [sum("val" in u for u, _ in order) for order in epochs]
+    assert set(from_train) == {4, 5} and abs(sum(from_train) / 400 - 3 * 1.34) < 0.05
+    assert abs(sum(from_val) / 400 - 0.5) < 0.08
+
+
+def test_manifests_name_shards_beside_them_on_any_scheme(tmp_path):
+    assert sources.beside("gs://b/s/manifest.json", "00000.tar") == "gs://b/s/00000.tar"
+    assert sources.beside("https://h/b/s/manifest.json?sig=x", "00001.tar") == "https://h/b/s/00001.tar"
+    assert sources.beside("hf://datasets/o/n/manifest.json", "a.tar") == "hf://datasets/o/n/a.tar"
+    assert sources.beside(str(tmp_path / "manifest.json"), "a.tar") == str(tmp_path / "a.tar")
+    with pytest.raises(ValueError, match="not a pipe: command"):
+        sources.parse_source("pipe:aws s3 cp s3://b/manifest.json -")
+    assert sources.parse_source("pipe:cat ${HOME}/x.tar").urls == ("pipe:cat ${HOME}/x.tar",)   # a command's braces
+
+
+def test_compressed_shards_and_path_arguments(shard_root, tmp_path):
+    import gzip
+
+    (tmp_path / "00000.tar.gz").write_bytes(gzip.compress((shard_root / "train" / "00000.tar").read_bytes()))
+    stats = sources.ReadStats()
+    assert len(list(sources.read_shard(tmp_path / "00000.tar.gz", stats))) == 8 and stats.failed_shards == 0
+    assert len(list(loader.ShardDataset(shard_root / "train", 4, seed=0))) == 6   # a Path, as before
+
+
+def test_a_broken_tar_over_http_fails_at_once(tmp_path):
+    import time
+
+    (tmp_path / "junk.tar").write_bytes(b"no tar at all " * 40000)
+    with ShardServer(tmp_path) as url:
+        started, stats = time.perf_counter(), sources.ReadStats()
+        assert list(sources.read_shard(f"{url}/junk.tar", stats, sources.ReadPolicy(retries=0))) == []
+        assert time.perf_counter() - started < 5 and stats.failed_shards == 1
+        assert stats.failed[f"{url}/junk.tar"] in ("invalid header", "bad checksum", "truncated header",
+                                                  "empty header")
 
 
 # ---- HTTP, pipe:, faults ----------------------------------------------------------------------------------------
@@ -139,6 +176,28 @@ def test_a_run_with_failing_shards_finishes_and_logs_them(shard_root, tmp_path):
     assert sum("data_failed" in r for r in log) <= 2 * 2        # each named once per epoch's report at most
     trained = [r for r in log if "loss" in r]
     assert trained[-1]["step"] == 8 and trained[-1]["data"]["failed_shards"] >= 2
+
+
+def test_a_remote_manifest_is_read_at_the_start_only(shard_root, tmp_path):
+    server = ShardServer(shard_root)
+    with server as url:
+        train_cli.main(args(shard_root, tmp_path / "run", "train.steps=16", f"data.shards={url}/train/manifest.json"))
+    assert len(losses(tmp_path / "run")) >= 3                                   # 16 steps: over 2 epochs
+    assert server.requests.count("train/manifest.json") == 2                    # the check, then the run
+
+
+def test_bad_validation_shards_and_too_few_shards_for_the_ranks_stop_the_run(shard_root, tmp_path, capsys):
+    (tmp_path / "junk.tar").write_bytes(b"no tar" * 1000)
+    with pytest.raises(SystemExit) as err:
+        train_cli.main(args(shard_root, tmp_path / "run", f"data.val_shards={tmp_path / 'junk.tar'}"))
+    assert err.value.code == 2 and "data.val_shards" in capsys.readouterr().err
+    from mmdit.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.batch_size=4", "data.num_workers=2"])
+    one_shard = sources.parse_sources(str(shard_root / "val"))
+    with pytest.raises(ValueError, match="epoch 0 gives rank 1 no batch"):
+        train_cli.check_shares(one_shard, cfg, world=2)
+    train_cli.check_shares(sources.parse_sources(str(shard_root / "train")), cfg, world=1)
 
 
 def test_a_one_shard_pattern_trains_on_that_shard_only(shard_root, tmp_path):

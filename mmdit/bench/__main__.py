@@ -2,7 +2,7 @@
 
 import argparse
 
-from mmdit.bench import data, model, sample, train
+from mmdit.bench import data, lora, model, sample, train
 
 
 def main(argv=None):
@@ -12,6 +12,7 @@ def main(argv=None):
     sample.add_arguments(sub.add_parser("sample", help=sample.__doc__.splitlines()[0]))
     data.add_arguments(sub.add_parser("data", help=data.__doc__.splitlines()[0]))
     train.add_arguments(sub.add_parser("train", help=train.__doc__.splitlines()[0]))
+    lora.add_arguments(sub.add_parser("lora", help=lora.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -1,0 +1,80 @@
+"""LoRA against full fine-tuning: one training step's time and peak memory, side by side on this machine.
+
+The same paper-family MM-DiT and fixed tensors (256x256 latents by default, 154 text tokens, fp32), once with every
+weight trained (AdamW over all of them) and once with peft adapters of the given rank on the default targets
+(attention projections and MLPs of both streams), the base frozen. Steps run in turn (full, lora, full, ...) so the
+machine's drift hits both; peak memory is measured in a fresh process per side.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from mmdit.bench.measure import alternate, measure_in_subprocess, paired_ratio, peak_step_memory, track_freed_memory
+
+TEXT_TOKENS = 154
+
+
+def make_step(depth: int, batch: int, side: int, rank: int | None):
+    """(step, trained parameter count): rank None trains every weight."""
+    from mmdit.config import LoraSpec, paper_depth
+    from mmdit.lora import add_lora
+    from mmdit.model import MMDiT
+
+    torch.manual_seed(0)
+    model = MMDiT(paper_depth(depth, pos_embed_max_size=max(side // 2, 8)))
+    if rank is not None:
+        add_lora(model, LoraSpec(rank=rank))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, fused=True)
+    x, target = torch.randn(batch, 16, side, side), torch.randn(batch, 16, side, side)
+    sigma, context, pooled = torch.rand(batch), torch.randn(batch, TEXT_TOKENS, 4096), torch.randn(batch, 2048)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.mse_loss(model(x, sigma, context, pooled), target).backward()
+        opt.step()
+
+    return step, sum(p.numel() for p in trained)
+
+
+def memory_alone(depth, batch, side, rank):
+    track_freed_memory()
+    step, _ = make_step(depth, batch, side, rank)
+    return peak_step_memory(step, torch.device("cpu"))
+
+
+def run(args):
+    side = args.resolution // 8
+    print(f"LoRA benchmark: MM-DiT depth {args.depth} (hidden {64 * args.depth}), batch {args.batch}, "
+          f"{args.resolution}x{args.resolution} ({(side // 2) ** 2} image + {TEXT_TOKENS} text tokens), fp32, CPU "
+          f"{torch.backends.cpu.get_cpu_capability()} with {torch.get_num_threads()} threads; full fine-tuning "
+          f"against LoRA rank {args.rank} (peft) on the default targets, {args.rounds} rounds in turn")
+    full, full_count = make_step(args.depth, args.batch, side, None)
+    lora, lora_count = make_step(args.depth, args.batch, side, args.rank)
+    rounds = alternate({"full": full, "lora": lora}, torch.device("cpu"), args.rounds)
+    del full, lora
+    memory = {name: measure_in_subprocess(memory_alone, args.depth, args.batch, side, rank)
+              for name, rank in (("full", None), ("lora", args.rank))}
+    for name, count in (("full", full_count), ("lora", lora_count)):
+        peak = memory[name]
+        print(f"  {name:5s} {statistics.median(rounds[name]):7.3f} s/step   trained {count / 1e6:8.2f} M parameters   "
+              f"peak step memory {'n/a' if peak is None else f'{peak / 2**20:.0f} MiB'} (above the resident weights and "
+              f"optimizer state)")
+    ratio = memory["lora"] / memory["full"] if memory["full"] and memory["lora"] else float("nan")
+    print(f"  LoRA step {paired_ratio(rounds['full'], rounds['lora']):.2f}x the speed of full fine-tuning; "
+          f"peak step memory {ratio:.2f}x; trained parameters {lora_count / full_count:.2%} "
+          f"(checkpoint of adapters + AdamW state about {3 * 4 * lora_count / 2**20:.0f} MiB against "
+          f"{3 * 4 * full_count / 2**20:.0f} MiB)")
+
+
+def add_arguments(parser):
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=256, help="image side (latent = side / 8)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.set_defaults(run=run)
