@@ -68,3 +68,13 @@ def test_train_bench_loops_run_on_shards(tmp_path):
     for fn in sides.values():
         fn()
         fn()   # the diffusers loop reads the shards twice over: it restarts them when they run out
+
+
+def test_lora_bench_sides_step():
+    from mmdit.bench.lora import make_step
+
+    full, full_count = make_step(depth=2, batch=1, side=8, rank=None)
+    lora, lora_count = make_step(depth=2, batch=1, side=8, rank=4)
+    full()
+    lora()
+    assert 0 < lora_count < full_count / 10

@@ -42,9 +42,16 @@ def make_step(depth: int, batch: int, side: int, rank: int | None):
 
 
 def memory_alone(depth, batch, side, rank):
+    """Peak resident memory of training in a fresh process, above what it held before the model: weights,
+    gradients, optimizer state and activations (LoRA's saving is in the gradients and optimizer state, which a
+    step-only measure would leave out), and the step's own peak."""
+    from mmdit.bench.measure import _rss_kib
+
     track_freed_memory()
+    before = _rss_kib()[0]
     step, _ = make_step(depth, batch, side, rank)
-    return peak_step_memory(step, torch.device("cpu"))
+    step_peak = peak_step_memory(step, torch.device("cpu"))   # runs the step (twice), so AdamW's state exists
+    return (_rss_kib()[1] - before) * 1024, step_peak
 
 
 def run(args):
@@ -59,14 +66,16 @@ def run(args):
     del full, lora
     memory = {name: measure_in_subprocess(memory_alone, args.depth, args.batch, side, rank)
               for name, rank in (("full", None), ("lora", args.rank))}
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
     for name, count in (("full", full_count), ("lora", lora_count)):
-        peak = memory[name]
+        total, step_peak = memory[name] or (None, None)
         print(f"  {name:5s} {statistics.median(rounds[name]):7.3f} s/step   trained {count / 1e6:8.2f} M parameters   "
-              f"peak step memory {'n/a' if peak is None else f'{peak / 2**20:.0f} MiB'} (above the resident weights and "
-              f"optimizer state)")
-    ratio = memory["lora"] / memory["full"] if memory["full"] and memory["lora"] else float("nan")
+              f"peak memory {mib(total)} (weights, gradients, AdamW state, activations); the step alone "
+              f"{mib(step_peak)} above the resident state")
+    totals = [memory[n][0] if memory[n] else None for n in ("lora", "full")]
+    ratio = totals[0] / totals[1] if all(totals) else float("nan")
     print(f"  LoRA step {paired_ratio(rounds['full'], rounds['lora']):.2f}x the speed of full fine-tuning; "
-          f"peak step memory {ratio:.2f}x; trained parameters {lora_count / full_count:.2%} "
+          f"peak memory {ratio:.2f}x; trained parameters {lora_count / full_count:.2%} "
           f"(checkpoint of adapters + AdamW state about {3 * 4 * lora_count / 2**20:.0f} MiB against "
           f"{3 * 4 * full_count / 2**20:.0f} MiB)")
 
