@@ -11,34 +11,16 @@ from __future__ import annotations
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from mmdit.bench.measure import alternate, measure_in_subprocess, paired_ratio, peak_step_memory, track_freed_memory
-
-TEXT_TOKENS = 154
+from mmdit.bench.model import TEXT_TOKENS, bare_train_step
 
 
 def make_step(depth: int, batch: int, side: int, rank: int | None):
     """(step, trained parameter count): rank None trains every weight."""
-    from mmdit.config import LoraSpec, paper_depth
-    from mmdit.lora import add_lora
-    from mmdit.model import MMDiT
-
     torch.manual_seed(0)
-    model = MMDiT(paper_depth(depth, pos_embed_max_size=max(side // 2, 8)))
-    if rank is not None:
-        add_lora(model, LoraSpec(rank=rank))
-    trained = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=1e-4, fused=True)
-    x, target = torch.randn(batch, 16, side, side), torch.randn(batch, 16, side, side)
-    sigma, context, pooled = torch.rand(batch), torch.randn(batch, TEXT_TOKENS, 4096), torch.randn(batch, 2048)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.mse_loss(model(x, sigma, context, pooled), target).backward()
-        opt.step()
-
-    return step, sum(p.numel() for p in trained)
+    step = bare_train_step(depth, batch, side, TEXT_TOKENS, lora_rank=rank)
+    return step, step.trained
 
 
 def memory_alone(depth, batch, side, rank):

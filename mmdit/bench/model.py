@@ -128,16 +128,23 @@ def run_case(depth, side, batch, precision, device, rounds, peak_flops, measure_
     }
 
 
-def bare_train_step(depth: int, batch: int, side: int = 32, text_tokens: int = TEXT_TOKENS, compile: bool = False):
+def bare_train_step(depth: int, batch: int, side: int = 32, text_tokens: int = TEXT_TOKENS, compile: bool = False,
+                    lora_rank: int | None = None):
     """A paper-family MM-DiT and one training step on fixed tensors (forward, MSE, backward, fused AdamW): the
-    rate the model itself allows, with no data path around it."""
-    from mmdit.config import paper_depth
+    rate the model itself allows, with no data path around it. lora_rank: peft adapters of that rank on the
+    default targets train instead of every weight. The step's `trained` is the count of trained parameters."""
+    from mmdit.config import LoraSpec, paper_depth
     from mmdit.model import MMDiT
 
     model = MMDiT(paper_depth(depth, pos_embed_max_size=max(side // 2, 8)))
+    if lora_rank is not None:
+        from mmdit.lora import add_lora
+
+        add_lora(model, LoraSpec(rank=lora_rank))
     if compile:
         model.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, fused=True)
     x, target = torch.randn(batch, 16, side, side), torch.randn(batch, 16, side, side)
     sigma, context, pooled = torch.rand(batch), torch.randn(batch, text_tokens, 4096), torch.randn(batch, 2048)
 
@@ -146,6 +153,7 @@ def bare_train_step(depth: int, batch: int, side: int = 32, text_tokens: int = T
         F.mse_loss(model(x, sigma, context, pooled), target).backward()
         opt.step()
 
+    step.trained = sum(p.numel() for p in trained)
     return step
 
 
