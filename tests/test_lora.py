@@ -127,7 +127,10 @@ def test_sample_with_lora_equals_diffusers_load_lora_weights(tiny_pipeline, tiny
     sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--seed", "3", "--out", str(twice), *COMMON,
                      "--lora", f"{tiny_lora['kohya']}:0.5", f"{tiny_lora['diffusers']}:0.5"])
     assert_same_image(read(twice), theirs)
-    assert json.loads(__import__("PIL.Image").Image.open(twice).text["parameters"])["loras"][0][1] == 0.5
+    from PIL import Image
+
+    recorded = json.loads(Image.open(twice).text["parameters"])["loras"]
+    assert [scale for _, scale, _ in recorded] == [0.5, 0.5] and len(recorded[0][2]) == 64   # path, scale, sha256
 
 
 def test_bad_loras_are_one_line(tiny_pipeline, tiny_lora, tmp_path, capsys):
