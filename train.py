@@ -465,6 +465,15 @@ def set_up_processes(cfg, resume) -> Processes:
                      zero_stage, deepspeed_file)
 
 
+def base_dtype(cfg, procs: Processes):
+    """The dtype model.init_from is loaded in: fp32, except a LoRA run in bf16 without DeepSpeed, whose frozen base
+    needs no fp32 master (half the memory: SD3.5 Large's base is then 16 GB, not 32)."""
+    import torch
+
+    bf16_base = cfg.model.lora_spec() is not None and procs.precision == "bf16" and not procs.deepspeed
+    return torch.bfloat16 if bf16_base else torch.float32
+
+
 def build_state(cfg, procs: Processes, resume) -> TrainState:
     """The model (fresh or model.init_from), its fp32 EMA, AdamW and the training RNG, restored from `resume`."""
     import torch
@@ -475,12 +484,15 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
     from mmdit.model import MMDiT
 
     torch.manual_seed(cfg.train.seed)
-    model = (load_mmdit(cfg.model.init_from, dtype=torch.float32) if cfg.model.init_from
+    spec = cfg.model.lora_spec()
+    model = (load_mmdit(cfg.model.init_from, dtype=base_dtype(cfg, procs)) if cfg.model.init_from
              else MMDiT(cfg.model.build_config())).to(procs.device)
     model.activation_checkpointing = cfg.model.activation_checkpointing
-    spec = cfg.model.lora_spec()
-    if spec is not None:   # only the adapters train; the EMA shares the frozen base and averages the adapters
+    if spec is not None:   # only the adapters train (in fp32); the EMA shares the frozen base and averages them
         add_lora(model, spec)
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.data = p.data.float()
     if cfg.train.compile:   # in place: the module, its parameters and their names stay what checkpoints hold
         model.compile()
     if spec is not None:
@@ -713,11 +725,17 @@ def evaluate(cfg, procs: Processes, state: TrainState, val_batches, layout, cond
     """The validation loss (of the model and of its EMA) and the sample grid of the fixed prompts; returns the
     sampling encoders and VAE, loaded on first use. Under ZeRO-3 every rank joins the model's validation (its
     parameters are gathered collectively); the rest runs on rank 0."""
+    import torch
+
     step, device, (log, board, progress) = state.step, procs.device, logs
+    # A bf16 base with fp32 adapters (base_dtype) runs under autocast, as it trains; every other model in fp32.
+    mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled=base_dtype(cfg, procs) == torch.bfloat16)
     if val_batches and (procs.rank == 0 or procs.zero_stage == 3):
-        val = {"step": step, "val": validation_loss(state.raw_model, val_batches, layout, cfg, device)}
+        with mixed:
+            val = {"step": step, "val": validation_loss(state.raw_model, val_batches, layout, cfg, device)}
         if procs.rank == 0:
-            val["val_ema"] = validation_loss(state.ema, val_batches, layout, cfg, device)   # the EMA is whole
+            with mixed:
+                val["val_ema"] = validation_loss(state.ema, val_batches, layout, cfg, device)   # the EMA is whole
             write_record(val, log, board, progress, step, VAL_SCALARS)
     if cfg.train.sample_model and procs.rank == 0:
         if conditioning is None:
@@ -726,7 +744,8 @@ def evaluate(cfg, procs: Processes, state: TrainState, val_batches, layout, cond
             with outside_zero3_init():
                 text, vae = load_conditioning(cfg.train.sample_model, no_t5=no_t5, t5_tokens=layout.t5_tokens)
             conditioning = text.to(device), vae.to(device)
-        grid = sample_grid(state.ema, conditioning, cfg, side=latent_side * conditioning[1].downsample)
+        with mixed:
+            grid = sample_grid(state.ema, conditioning, cfg, side=latent_side * conditioning[1].downsample)
         board.add_image("samples/ema", grid, step, dataformats="HWC")
         from PIL import Image
 
