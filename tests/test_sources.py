@@ -137,7 +137,9 @@ def test_http_faults_are_skipped_counted_and_named(shard_root):
     keys = [k for b in items if not b.get("end") for k in b["keys"]]
     good = [f"{i:06d}" for i in list(range(0, 6)) + list(range(18, 24))]
     assert sorted(k for k in keys if k in good) == good                       # every other sample, once
-    assert len(keys) == len(set(keys)) and all(6 <= int(k) < 12 for k in set(keys) - set(good))
+    # of the cut shard (samples 12-17) at most the ones before the break, each once (webdataset's pipe reader may
+    # drop them all when curl has exited before they are read)
+    assert len(keys) == len(set(keys)) and all(12 <= int(k) < 18 for k in set(keys) - set(good))
     report = items[-1]["read"]
     assert report["failed_shards"] == 2 and report["retries"] == 2
     assert report["failed"] == {f"{url}/faulty/00001.tar": "HTTP error (>= 400)",
