@@ -171,7 +171,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "no such folder"
     states = sorted(folder.glob("state_rank*.pt"))
     engine = [folder / "deepspeed"] if (folder / "deepspeed").is_dir() else [folder / "optimizer.pt"]
-    weights = ["lora.safetensors", "ema_lora.safetensors"] if (folder / "lora.safetensors").exists() \
+    lora_run = (folder / "lora.safetensors").exists() or (folder / "ema_lora.safetensors").exists()
+    weights = ["lora.safetensors", "ema_lora.safetensors"] if lora_run \
         else ["model.safetensors", "ema.safetensors"]   # a LoRA run's checkpoints hold its adapters only
     for path in [*(folder / w for w in weights), *engine, *(states or [folder / "state_rank0.pt"])]:
         if not path.exists():
@@ -198,11 +199,12 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimizer, state: dict, keep: int,
-                    accelerator=None, deepspeed_engine: bool = False, lora_metadata: dict | None = None) -> Path:
+                    accelerator=None, deepspeed_engine: bool = False, lora_metadata: dict | None = None,
+                    lora_run: bool = False) -> Path:
     """Everything a bit-exact resume needs, written into a temporary folder that is renamed into place; the oldest
     beyond `keep` are removed. Under DeepSpeed every rank writes its optimizer shard and its own RNG / data state.
-    lora_metadata (a LoRA run): the adapters alone, ours and EMA (lora.safetensors, ema_lora.safetensors), never
-    the frozen base."""
+    lora_run: the adapters alone, ours and EMA (lora.safetensors, ema_lora.safetensors, with lora_metadata, which
+    rank 0 is given), never the frozen base."""
     import torch
 
     from mmdit.checkpoint import atomic_save_file, save_mmdit
@@ -217,7 +219,7 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
         tmp.mkdir(parents=True)
     barrier()
     raw = accelerator.unwrap_model(model) if accelerator else model
-    if rank == 0 and lora_metadata is not None:
+    if rank == 0 and lora_run:
         atomic_save_file(tmp / "lora.safetensors", {k.replace(".default.", "."): v.float() for k, v in weights.items()},
                          lora_metadata)
         atomic_save_file(tmp / "ema_lora.safetensors", trained_lora(ema), lora_metadata)
@@ -225,7 +227,7 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
         save_mmdit(raw, tmp / "model.safetensors", "native", state=weights)
         save_mmdit(ema, tmp / "ema.safetensors", "native")
     if deepspeed_engine:   # collective: each rank its optimizer shard (a LoRA run's engine state leaves the base out)
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=lora_metadata is not None)
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=lora_run)
     elif rank == 0:   # one process, or DDP: every rank holds the same optimizer state
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(state, tmp / f"state_rank{rank}.pt")
@@ -465,12 +467,37 @@ def set_up_processes(cfg, resume) -> Processes:
                      zero_stage, deepspeed_file)
 
 
+def lora_resume_problem(cfg, resume: Path) -> str | None:
+    """Why this recipe cannot continue that checkpoint's adapters (or its full weights), as one line, or None: the
+    adapters' rank, alpha, targets and base must be the ones they were trained with."""
+    from safetensors import safe_open
+
+    saved = resume / "ema_lora.safetensors"
+    spec = cfg.model.lora_spec()
+    if spec is None:
+        return ("it is a LoRA run's checkpoint (adapters only): resume with its model.lora"
+                if saved.is_file() else None)
+    if not saved.is_file():
+        return "it holds full weights, not a LoRA run's adapters: resume it without model.lora"
+    with safe_open(saved, "pt") as f:
+        record = json.loads((f.metadata() or {}).get("mmdit_lora", "{}"))
+    now = {"rank": spec.rank, "alpha": spec.alpha if spec.alpha is not None else spec.rank,
+           "targets": list(spec.targets)}
+    for key, value in now.items():
+        if record.get(key) != value:
+            return f"its adapters have {key} {record.get(key)!r}, the recipe {value!r}: resume with model.lora as saved"
+    if record.get("base_sha256") and lora_file_metadata(cfg)["ss_base_model_sha256"] != record["base_sha256"]:
+        return (f"model.init_from {cfg.model.init_from} is not the base its adapters were trained on (sha256 "
+                f"{record['base_sha256'][:12]})")
+    return None
+
+
 def base_dtype(cfg, procs: Processes):
     """The dtype model.init_from is loaded in: fp32, except a LoRA run in bf16 without DeepSpeed, whose frozen base
     needs no fp32 master (half the memory: SD3.5 Large's base is then 16 GB, not 32)."""
     import torch
 
-    bf16_base = cfg.model.lora_spec() is not None and procs.precision == "bf16" and not procs.deepspeed
+    bf16_base = cfg.model.lora_spec() is not None and procs.precision == "bf16" and procs.world == 1
     return torch.bfloat16 if bf16_base else torch.float32
 
 
@@ -505,6 +532,10 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
                                   betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
                                   fused=not procs.deepspeed)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + procs.rank)
+    if resume is not None:
+        problem = lora_resume_problem(cfg, resume)
+        if problem:
+            fail(f"--resume {resume}: {problem}")
     if resume is not None and spec is not None:
         from safetensors.torch import load_file
 
@@ -532,6 +563,8 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
     if resume is not None:
         saved = torch.load(resume / f"state_rank{procs.rank}.pt", weights_only=True)
         generator.set_state(saved["generator"])
+        if "torch_rng" in saved:
+            torch.set_rng_state(saved["torch_rng"])
         state.step = saved["step"]
         if "data" in saved:
             state.data, state.tally = DataPosition.from_dict(saved["data"]), ReadTally(saved.get("read"))
@@ -546,13 +579,18 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
 
 def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
     """A checkpoint of the state (collective: every rank calls it at the same step)."""
+    import torch
+
+    # torch's global generator drives LoRA dropout (peft's), so it is saved too
     saved = {"step": state.step, "data": state.data.to_dict(), "read": state.tally.to_dict(),
-             "generator": state.generator.get_state(), "precision": procs.precision}
+             "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "precision": procs.precision}
     lora = cfg.model.lora_spec() is not None
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
                            master_weights(state.raw_model, state.fixed, trained_only=lora), state.ema, state.optimizer,
                            saved, cfg.train.keep_checkpoints, procs.accelerator, procs.deepspeed,
-                           lora_file_metadata(cfg) if lora else None)
+                           lora_file_metadata(cfg) if lora and procs.rank == 0 else None,
+                           lora_run=lora)
 
 
 def lora_file_metadata(cfg) -> dict:
@@ -586,7 +624,10 @@ def epoch_batches(cfg, procs: Processes, position, sources):
                            rank=procs.rank, world_size=procs.world, shuffle_buffer=cfg.data.shuffle_buffer,
                            resampled=cfg.data.resampled, variant_probs=list(cfg.data.caption_variant_probs),
                            position=position, policy=read_policy(cfg), end_markers=True)
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers))
+    # Its own generator: a DataLoader draws a base seed from torch's global one, which LoRA dropout uses, and a
+    # resume builds its loader at another moment than the run it continues (the dataset itself uses no torch RNG)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.data.num_workers,
+                                            generator=torch.Generator().manual_seed(position.epoch)))
 
 
 def validation_batches(cfg) -> list:
@@ -613,6 +654,8 @@ def validation_batches(cfg) -> list:
 
 def export(cfg, state: TrainState, run_started: float):
     """The EMA weights in every format save_mmdit writes, and a whole pipeline when train.sample_model is one."""
+    import torch
+
     from mmdit.checkpoint import save_mmdit
 
     ema, out = state.ema, Path(cfg.train.out_dir) / "export"
@@ -620,9 +663,12 @@ def export(cfg, state: TrainState, run_started: float):
     if spec is not None:   # the EMA adapters in the three LoRA layouts, and merged into the base as a whole model
         from mmdit.lora import merged_model, save_lora_files, trained_lora
 
+        from mmdit.checkpoint import load_mmdit
+
         adapters = trained_lora(ema)
         save_lora_files(adapters, ema.config, spec, out, lora_file_metadata(cfg))
-        ema = merged_model(ema, adapters, spec)
+        # merged into the base as stored (fp32), not into a bf16 copy a bf16 LoRA run trained on
+        ema = merged_model(load_mmdit(cfg.model.init_from, dtype=torch.float32), adapters, spec)
     save_mmdit(ema, out / "ema.safetensors", "native")
     save_mmdit(ema, out / "ema_sai.safetensors", "sai")
     if ema.config.frequency_dim == 256 and ema.config.mlp_ratio == 4.0:
@@ -731,8 +777,10 @@ def evaluate(cfg, procs: Processes, state: TrainState, val_batches, layout, cond
     # A bf16 base with fp32 adapters (base_dtype) runs under autocast, as it trains; every other model in fp32.
     mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled=base_dtype(cfg, procs) == torch.bfloat16)
     if val_batches and (procs.rank == 0 or procs.zero_stage == 3):
+        state.raw_model.eval()   # LoRA dropout off; the model has no other train-time behaviour
         with mixed:
             val = {"step": step, "val": validation_loss(state.raw_model, val_batches, layout, cfg, device)}
+        state.raw_model.train()
         if procs.rank == 0:
             with mixed:
                 val["val_ema"] = validation_loss(state.ema, val_batches, layout, cfg, device)   # the EMA is whole

@@ -241,7 +241,8 @@ class LoraSpec:
         if unknown:
             raise ValueError(f"unknown key model.lora.{unknown[0]}; accepted: rank, alpha, dropout, targets")
         rank, alpha, dropout = d.get("rank", 16), d.get("alpha"), d.get("dropout", 0.0)
-        targets = tuple(d.get("targets", LORA_TARGETS))
+        targets = d.get("targets", LORA_TARGETS)
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 4096:
             raise ValueError(f"model.lora.rank must be a whole number in [1, 4096], got {rank!r}")
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))

@@ -128,6 +128,8 @@ def weights_digest(path, component: str = "transformer") -> str:
     byte, so it takes as long as reading the files once."""
     path = Path(path)
     folder = path / component
+    if path.is_dir() and not folder.is_dir():   # the component's own folder given (a diffusers transformer/)
+        folder = path
     files = (sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))) if path.is_dir() else [path]
     digest = hashlib.sha256()
     for f in files:

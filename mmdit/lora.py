@@ -33,7 +33,11 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
 
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
                         lora_dropout=spec.dropout, target_modules=list(spec.targets), bias="none")
-    inject_adapter_in_model(config, model)
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as e:   # peft's NoMatchingPeftModuleError: no module of this base has those names
+        raise CheckpointError(f"model.lora.targets {list(spec.targets)} match no module of this model "
+                              f"({str(e).splitlines()[0]})") from None
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     model.lora_spec = spec
@@ -133,64 +137,93 @@ def read_lora_file(path: Path, allow_pickle: bool = False) -> dict[str, torch.Te
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te1", "te2", "te3")   # LoRAs of text encoders: not ours to apply
+
+
+def _linear_shapes(config: MMDiTConfig) -> dict[str, tuple[int, int]]:
+    """Every Linear of the MM-DiT (module name -> weight shape), read off a model built without memory."""
+    from mmdit.model import MMDiT
+
+    with torch.device("meta"):
+        model = MMDiT(config)
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _diffusers_scale(path: Path) -> float:
+    """alpha / rank from diffusers' own LoRA metadata (save_lora_weights with the adapter's LoraConfig), else 1
+    (diffusers then loads at alpha = rank); our diffusers exports carry none: their B is already scaled."""
+    if path.suffix != ".safetensors":
+        return 1.0
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        return 1.0
+    rank = meta.get("transformer.r", meta.get("r"))
+    alpha = meta.get("transformer.lora_alpha", meta.get("lora_alpha"))
+    return float(alpha) / float(rank) if rank and alpha else 1.0
+
+
 def deltas(path: str | Path, config: MMDiTConfig, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """delta-W per our module (weight key) of a LoRA file in any of the three layouts, checked against config:
-    a tensor for a module this model lacks, or of another shape, is a CheckpointError naming it."""
+    """delta-W per our module (weight key) of a LoRA file in any of the three layouts, for any Linear of the model
+    (kohya's trainer also adapts adaLN), checked against config: a tensor for a module this model lacks, or of
+    another shape, is a CheckpointError naming it. Text-encoder parts are left out (their count is logged)."""
+    import logging
+
+    from mmdit.checkpoint import swap_halves
+
     path = Path(path)
     state = read_lora_file(path, allow_pickle)
-    shapes = {m: _shape(config, m) for m in _fused_table(config)}
+    skipped = [k for k in state if k.startswith(TEXT_ENCODER_PREFIXES)]
+    state = {k: v for k, v in state.items() if not k.startswith(TEXT_ENCODER_PREFIXES)}
+    if skipped:
+        logging.getLogger(__name__).warning("%s: %d text-encoder LoRA tensors left out (only the MM-DiT is adapted)",
+                                            path, len(skipped))
+    shapes = _linear_shapes(config)
     out: dict[str, torch.Tensor] = {}
+    unknown = "names no module of this model (another architecture or depth?)"
     if any(k.startswith(KOHYA_PREFIX) for k in state):
         by_name = {KOHYA_PREFIX + m.replace(".", "_"): m for m in shapes}
         for key, (down, up) in _pairs(state, ".lora_down.weight", ".lora_up.weight").items():
             if key not in by_name:
-                raise CheckpointError(f"{path}: LoRA key {key} names no module of this model (another architecture "
-                                      f"or depth?)")
+                raise CheckpointError(f"{path}: LoRA key {key} {unknown}")
             alpha = state.get(f"{key}.alpha")
             scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
             out[by_name[key]] = _checked(path, key, scale * up @ down, shapes[by_name[key]])
     elif any(k.startswith("transformer.") for k in state):
         inverse = {}
-        for module, (theirs, kind) in _fused_table(config).items():
-            for i, name in enumerate(theirs):
-                inverse[name] = (module, i if kind == "qkv" else None)
+        for ours, theirs, kind in diffusers_key_table(config):
+            if ours.endswith(".weight") and ours.removesuffix(".weight") in shapes:
+                for i, name in enumerate(theirs):
+                    inverse[name.removesuffix(".weight")] = (ours.removesuffix(".weight"), i, kind)
+        scale = _diffusers_scale(path)
         for key, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
             name = key.removeprefix("transformer.")
             if name not in inverse:
-                raise CheckpointError(f"{path}: LoRA key {key} names no module of this model (another architecture "
-                                      f"or depth?)")
-            module, part = inverse[name]
-            delta = b @ a
-            if part is None:
-                out[module] = _checked(path, key, delta, shapes[module])
-            else:   # one of q, k, v: its rows of the fused delta
-                rows, cols = shapes[module]
+                raise CheckpointError(f"{path}: LoRA key {key} {unknown}")
+            module, part, kind = inverse[name]
+            delta = scale * b @ a
+            rows, cols = shapes[module]
+            if kind == "qkv":   # one of q, k, v: its rows of the fused delta
                 fused = out.setdefault(module, torch.zeros(rows, cols))
                 _checked(path, key, delta, (rows // 3, cols))
                 fused[part * rows // 3:(part + 1) * rows // 3] += delta
+            else:   # "swap": diffusers stores (scale, shift) where we keep (shift, scale)
+                out[module] = _checked(path, key, swap_halves(delta) if kind == "swap" else delta, (rows, cols))
     else:
         metadata = _metadata(path) if path.suffix == ".safetensors" else {}
         scale = float(metadata.get("alpha", 0) or 0) / float(metadata.get("rank", 1) or 1) or 1.0
         for module, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
             if module not in shapes:
-                raise CheckpointError(f"{path}: LoRA key {module}.lora_A.weight names no module of this model "
-                                      f"(another architecture or depth?)")
+                raise CheckpointError(f"{path}: LoRA key {module}.lora_A.weight {unknown}")
             out[module] = _checked(path, module, scale * b @ a, shapes[module])
     if not out:
-        raise CheckpointError(f"{path}: no LoRA tensors (accepted: diffusers' transformer.*.lora_A/B, kohya's "
-                              f"lora_unet_*.lora_down/up, or ours *.lora_A/B)")
+        raise CheckpointError(f"{path}: no LoRA tensors for the MM-DiT (accepted: diffusers' transformer.*.lora_A/B, "
+                              f"kohya's lora_unet_*.lora_down/up, or ours *.lora_A/B)")
     return out
-
-
-def _shape(config: MMDiTConfig, module: str) -> tuple[int, int]:
-    h = config.hidden_size
-    if module.endswith("qkv"):
-        return 3 * h, h
-    if module.endswith("fc1"):
-        return config.mlp_hidden, h
-    if module.endswith("fc2"):
-        return h, config.mlp_hidden
-    return h, h
 
 
 def _checked(path, key: str, delta: torch.Tensor, shape) -> torch.Tensor:
@@ -252,7 +285,7 @@ def lora_twin(model: torch.nn.Module) -> torch.nn.Module:
         if ".lora_" in name:
             p.data = p.data.detach().clone().float()
     twin.lora_spec = spec
-    return twin.requires_grad_(False)
+    return twin.requires_grad_(False).eval()   # eval: LoRA dropout off in validation and sample grids
 
 
 def lora_metadata(spec: LoraSpec, base_sha256: str, recipe: dict | None = None) -> dict[str, str]:
@@ -275,7 +308,10 @@ def save_lora_files(state: dict[str, torch.Tensor], config: MMDiTConfig, spec: L
     alpha = spec.alpha if spec.alpha is not None else spec.rank
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_file(folder / f"{prefix}.safetensors", state, metadata)
-    atomic_save_file(folder / f"{prefix}_diffusers.safetensors", to_diffusers_lora(state, config, spec.scale), metadata)
+    baked = {**metadata, "ss_network_alpha": str(spec.rank)}   # its B carries alpha / rank: it loads at alpha = rank
+    record = json.loads(metadata.get("mmdit_lora", "{}"))
+    baked["mmdit_lora"] = json.dumps({**record, "alpha": spec.rank, "alpha_trained": alpha})
+    atomic_save_file(folder / f"{prefix}_diffusers.safetensors", to_diffusers_lora(state, config, spec.scale), baked)
     atomic_save_file(folder / f"{prefix}_kohya.safetensors", to_kohya_lora(state, alpha), metadata)
 
 
@@ -343,9 +379,13 @@ def main(argv=None):
     export.add_argument("--base", help="the adapted model (default: the recipe's model.init_from)")
     export.add_argument("--raw", action="store_true", help="the trained adapters instead of their EMA")
     args = parser.parse_args(argv)
+    from safetensors import SafetensorError
+
+    if args.base and not Path(args.base).exists():
+        fail("python3 -m mmdit.lora", f"--base {args.base} does not exist")
     try:
         out = export_checkpoint(Path(args.checkpoint), Path(args.out), args.base, args.raw)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, SafetensorError) as e:
         fail("python3 -m mmdit.lora", one_line(e))
     print(f"wrote {out}/lora.safetensors, lora_diffusers.safetensors, lora_kohya.safetensors and the merged model")
 

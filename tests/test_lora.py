@@ -97,7 +97,11 @@ def tiny_lora(tiny_pipeline, tmp_path_factory):
     state = random_lora(model, spec, std=0.2)
     paths = {"diffusers": _saved(lora.to_diffusers_lora(state, model.config, spec.scale), folder, "diffusers.safetensors"),
              "kohya": _saved(lora.to_kohya_lora(state, spec.alpha), folder, "kohya.safetensors"),
-             "ours": str(folder / "ours.safetensors")}
+             "ours": str(folder / "ours.safetensors"),
+             # as diffusers' own scripts save it: B as trained, alpha in the adapter metadata
+             "diffusers_alpha": str(folder / "diffusers_alpha.safetensors")}
+    save_file(lora.to_diffusers_lora(state, model.config, 1.0), folder / "diffusers_alpha.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})})
     save_file(state, folder / "ours.safetensors", metadata={"mmdit_lora": json.dumps({"rank": 4, "alpha": 8})})
     return paths
 
@@ -112,7 +116,7 @@ def test_sample_with_lora_equals_diffusers_load_lora_weights(tiny_pipeline, tiny
     theirs = (theirs * 255).round().astype(np.uint8)[0]
     plain = diffusers_images(tiny_pipeline, [3])[0]
     assert np.abs(theirs.astype(float) - plain).mean() > 2   # the LoRA changes the picture
-    for layout in ("diffusers", "kohya", "ours"):
+    for layout in ("diffusers", "kohya", "ours", "diffusers_alpha"):
         out = tmp_path / f"{layout}.png"
         sample_cli.main(["--model", str(tiny_pipeline), "--prompt", PROMPT, "--seed", "3", "--out", str(out),
                          *COMMON, "--lora", tiny_lora[layout]])
@@ -159,7 +163,7 @@ def lora_recipe(tiny_pipeline, shard_root, out, steps, *extra):
     from tests.test_train import ROOT
 
     return ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={shard_root / 'train'}",
-            f"model.init_from={tiny_pipeline}", "model.lora={rank: 4, alpha: 8}", f"train.out_dir={out}",
+            f"model.init_from={tiny_pipeline}", "model.lora={rank: 4, alpha: 8, dropout: 0.1}", f"train.out_dir={out}",
             f"train.steps={steps}", "train.log_every=1", "data.batch_size=2", "train.checkpoint_every=3",
             "train.keep_checkpoints=5", "data.caption_variant_probs=[1]", "optim.lr=1e-2", "train.val_every=1000",
             *extra]
@@ -180,6 +184,13 @@ def test_lora_training_resumes_exactly_saves_adapters_only_and_exports_every_lay
     train_cli.main(lora_recipe(tiny_pipeline, tmp_path, tmp_path / "split", 6) + ["--resume", "latest"])
     assert losses(tmp_path / "split") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 6
     whole, split = (tmp_path / r / "checkpoints" / "step_00000006" for r in ("whole", "split"))
+    # a resume that would change what the adapters mean is refused with one line
+    for changed, match in ((["model.lora={rank: 4, alpha: 16, dropout: 0.1}"], "alpha 8"),
+                           (["model.lora={}"], "resume with its model.lora")):
+        with pytest.raises(SystemExit) as err:
+            train_cli.main(lora_recipe(tiny_pipeline, tmp_path, tmp_path / "split", 9, *changed)
+                           + ["--resume", "latest"])
+        assert err.value.code == 2
     for name in ("lora.safetensors", "ema_lora.safetensors"):
         a, b = load_file(whole / name), load_file(split / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
