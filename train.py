@@ -208,7 +208,7 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
     import torch
 
     from mmdit.checkpoint import atomic_save_file, save_mmdit
-    from mmdit.lora import trained_lora
+    from mmdit.lora import module_to_ours_names, trained_lora
 
     rank = accelerator.process_index if accelerator else 0
     barrier = accelerator.wait_for_everyone if accelerator else (lambda: None)
@@ -220,7 +220,7 @@ def save_checkpoint(out_dir: Path, step: int, model, weights: dict, ema, optimiz
     barrier()
     raw = accelerator.unwrap_model(model) if accelerator else model
     if rank == 0 and lora_run:
-        atomic_save_file(tmp / "lora.safetensors", {k.replace(".default.", "."): v.float() for k, v in weights.items()},
+        atomic_save_file(tmp / "lora.safetensors", {k: v.float() for k, v in module_to_ours_names(weights).items()},
                          lora_metadata)
         atomic_save_file(tmp / "ema_lora.safetensors", trained_lora(ema), lora_metadata)
     elif rank == 0:
@@ -470,7 +470,7 @@ def set_up_processes(cfg, resume) -> Processes:
 def lora_resume_problem(cfg, resume: Path) -> str | None:
     """Why this recipe cannot continue that checkpoint's adapters (or its full weights), as one line, or None: the
     adapters' rank, alpha, targets and base must be the ones they were trained with."""
-    from safetensors import safe_open
+    from mmdit.lora import lora_record
 
     saved = resume / "ema_lora.safetensors"
     spec = cfg.model.lora_spec()
@@ -479,9 +479,8 @@ def lora_resume_problem(cfg, resume: Path) -> str | None:
                 if saved.is_file() else None)
     if not saved.is_file():
         return "it holds full weights, not a LoRA run's adapters: resume it without model.lora"
-    with safe_open(saved, "pt") as f:
-        record = json.loads((f.metadata() or {}).get("mmdit_lora", "{}"))
-    now = {"rank": spec.rank, "alpha": spec.alpha if spec.alpha is not None else spec.rank,
+    record = lora_record(saved)
+    now = {"rank": spec.rank, "alpha": spec.lora_alpha,
            "targets": list(spec.targets)}
     for key, value in now.items():
         if record.get(key) != value:
@@ -497,7 +496,7 @@ def base_dtype(cfg, procs: Processes):
     needs no fp32 master (half the memory: SD3.5 Large's base is then 16 GB, not 32)."""
     import torch
 
-    bf16_base = cfg.model.lora_spec() is not None and procs.precision == "bf16" and procs.world == 1
+    bf16_base = bool(cfg.model.lora) and procs.precision == "bf16" and procs.world == 1
     return torch.bfloat16 if bf16_base else torch.float32
 
 
@@ -585,7 +584,7 @@ def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
     saved = {"step": state.step, "data": state.data.to_dict(), "read": state.tally.to_dict(),
              "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "precision": procs.precision}
-    lora = cfg.model.lora_spec() is not None
+    lora = bool(cfg.model.lora)   # checked once, at load (ModelSection.lora_spec)
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
                            master_weights(state.raw_model, state.fixed, trained_only=lora), state.ema, state.optimizer,
                            saved, cfg.train.keep_checkpoints, procs.accelerator, procs.deepspeed,
@@ -716,7 +715,7 @@ def optimizer_step(cfg, procs: Processes, state: TrainState):
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    update_ema(state.ema, master_weights(state.raw_model, state.fixed, trained_only=cfg.model.lora_spec() is not None),
+    update_ema(state.ema, master_weights(state.raw_model, state.fixed, trained_only=bool(cfg.model.lora)),
                cfg.train.ema_decay)
     state.step += 1
     return grad_norm

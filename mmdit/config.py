@@ -231,8 +231,13 @@ class LoraSpec:
     targets: tuple[str, ...] = LORA_TARGETS
 
     @property
+    def lora_alpha(self) -> float:
+        """alpha as given, or the rank (scale 1) when none was."""
+        return self.alpha if self.alpha is not None else self.rank
+
+    @property
     def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+        return self.lora_alpha / self.rank
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoraSpec":

@@ -31,7 +31,7 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
     so the adapted model is the base model until it trains."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.lora_alpha,
                         lora_dropout=spec.dropout, target_modules=list(spec.targets), bias="none")
     try:
         inject_adapter_in_model(config, model)
@@ -42,13 +42,6 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec) -> torch.nn.Module:
         p.requires_grad_(".lora_" in name)
     model.lora_spec = spec
     return model
-
-
-def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors under our layout's names (module.lora_A.weight, module.lora_B.weight)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]):
@@ -152,16 +145,7 @@ def _linear_shapes(config: MMDiTConfig) -> dict[str, tuple[int, int]]:
 def _diffusers_scale(path: Path) -> float:
     """alpha / rank from diffusers' own LoRA metadata (save_lora_weights with the adapter's LoraConfig), else 1
     (diffusers then loads at alpha = rank); our diffusers exports carry none: their B is already scaled."""
-    if path.suffix != ".safetensors":
-        return 1.0
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        raw = (f.metadata() or {}).get("lora_adapter_metadata")
-    try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError:
-        return 1.0
+    meta = _json_metadata(path, "lora_adapter_metadata")
     rank = meta.get("transformer.r", meta.get("r"))
     alpha = meta.get("transformer.lora_alpha", meta.get("lora_alpha"))
     return float(alpha) / float(rank) if rank and alpha else 1.0
@@ -214,7 +198,7 @@ def deltas(path: str | Path, config: MMDiTConfig, allow_pickle: bool = False) ->
             else:   # "swap": diffusers stores (scale, shift) where we keep (shift, scale)
                 out[module] = _checked(path, key, swap_halves(delta) if kind == "swap" else delta, (rows, cols))
     else:
-        metadata = _metadata(path) if path.suffix == ".safetensors" else {}
+        metadata = lora_record(path)
         scale = float(metadata.get("alpha", 0) or 0) / float(metadata.get("rank", 1) or 1) or 1.0
         for module, (a, b) in _pairs(state, ".lora_A.weight", ".lora_B.weight").items():
             if module not in shapes:
@@ -233,15 +217,24 @@ def _checked(path, key: str, delta: torch.Tensor, shape) -> torch.Tensor:
     return delta
 
 
-def _metadata(path: Path) -> dict:
+def _json_metadata(path: Path, key: str) -> dict:
+    """A JSON object stored under key in a safetensors file's metadata; {} when absent, unreadable or not one."""
     from safetensors import safe_open
 
+    if Path(path).suffix != ".safetensors":
+        return {}
     with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
+        raw = (f.metadata() or {}).get(key)
     try:
-        return json.loads(meta.get("mmdit_lora", "{}"))
+        value = json.loads(raw) if raw else {}
     except ValueError:
         return {}
+    return value if isinstance(value, dict) else {}
+
+
+def lora_record(path: Path) -> dict:
+    """What our LoRA files say of themselves (lora_metadata): rank, alpha, targets, base_sha256, recipe."""
+    return _json_metadata(path, "mmdit_lora")
 
 
 def apply_loras(model: torch.nn.Module, loras: list[tuple[str, float]], allow_pickle: bool = False):
@@ -262,7 +255,13 @@ def apply_loras(model: torch.nn.Module, loras: list[tuple[str, float]], allow_pi
 
 def trained_lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' parameters under our layout's names (peft's adapter name dropped), as they are."""
-    return {name.replace(".default.", "."): p.detach() for name, p in model.named_parameters() if ".lora_" in name}
+    return module_to_ours_names({name: p.detach() for name, p in model.named_parameters() if ".lora_" in name})
+
+
+def module_to_ours_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapted model's parameter names (peft's adapter 'default') to our layout's."""
+    return {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+            for k, v in state.items()}
 
 
 def ours_to_module_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -291,7 +290,7 @@ def lora_twin(model: torch.nn.Module) -> torch.nn.Module:
 def lora_metadata(spec: LoraSpec, base_sha256: str, recipe: dict | None = None) -> dict[str, str]:
     """What every LoRA file says of itself (safetensors metadata, strings): rank, alpha, targets, the base's sha256
     and the recipe, under "mmdit_lora"; and the keys kohya's tools read."""
-    alpha = spec.alpha if spec.alpha is not None else spec.rank
+    alpha = spec.lora_alpha
     record = {"rank": spec.rank, "alpha": alpha, "targets": list(spec.targets), "base_sha256": base_sha256,
               "recipe": recipe}
     return {"mmdit_lora": json.dumps(record), "ss_network_dim": str(spec.rank), "ss_network_alpha": str(alpha),
@@ -305,7 +304,7 @@ def save_lora_files(state: dict[str, torch.Tensor], config: MMDiTConfig, spec: L
     from mmdit.checkpoint import atomic_save_file
 
     state = {k: v.float().contiguous() for k, v in state.items()}
-    alpha = spec.alpha if spec.alpha is not None else spec.rank
+    alpha = spec.lora_alpha
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_file(folder / f"{prefix}.safetensors", state, metadata)
     baked = {**metadata, "ss_network_alpha": str(spec.rank)}   # its B carries alpha / rank: it loads at alpha = rank
@@ -341,7 +340,7 @@ def export_checkpoint(checkpoint: Path, out: Path, base: str | None = None, raw:
     source = checkpoint / ("lora.safetensors" if raw else "ema_lora.safetensors")
     if not source.is_file():
         raise CheckpointError(f"{checkpoint} holds no {source.name}: not a checkpoint of a LoRA run (model.lora)")
-    record = _metadata(source)
+    record = lora_record(source)
     if not record.get("rank"):
         raise CheckpointError(f"{source} carries no LoRA metadata (rank, alpha, base): written by another tool?")
     base = base or ((record.get("recipe") or {}).get("model") or {}).get("init_from")

@@ -204,16 +204,12 @@ def run_record(args: argparse.Namespace, pipe, settings: Settings, dtype) -> dic
     """What each image's metadata records beside its prompt and seed."""
     return {**settings.record(), "model": str(args.model), "t5": not args.no_t5,
             "max_sequence_length": pipe.text.layout.t5_tokens, "dtype": str(dtype).replace("torch.", ""),
-            **({"loras": [[path, scale, file_sha256(path)] for path, scale in args.loras]}
+            **({"loras": [[path, scale, lora_digest(path)] for path, scale in args.loras]}
                if getattr(args, "loras", None) else {})}
 
 
-def file_sha256(path) -> str:
-    """A LoRA's digest, recorded beside its path: a file replaced under the same name draws other images."""
-    import hashlib
+def lora_digest(path) -> str:
+    """A LoRA's sha256, recorded beside its path: a file replaced under the same name draws other images."""
+    from mmdit.loading import weights_digest
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return weights_digest(path)

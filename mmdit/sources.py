@@ -278,7 +278,8 @@ class _Tracked:
         if len(self.head) < 6:
             self.head += data[: 6 - len(self.head)]
         self.bytes += len(data)
-        self.tail = (self.tail + data)[-2 * tarfile.BLOCKSIZE:]
+        keep = 2 * tarfile.BLOCKSIZE   # only the last two blocks: a long read is not copied again
+        self.tail = data[-keep:] if len(data) >= keep else (self.tail + data)[-keep:]
         return data
 
     @property

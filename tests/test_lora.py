@@ -19,7 +19,7 @@ def random_lora(model, spec, seed=0, std=0.05):
     """The model with adapters whose A and B are random (B starts at zero otherwise), and their state."""
     lora.add_lora(model, spec)
     g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=g) * std for k, v in lora.lora_state(model).items()}
+    state = {k: torch.randn(v.shape, generator=g) * std for k, v in lora.trained_lora(model).items()}
     lora.load_lora_state(model, state)
     return state
 
