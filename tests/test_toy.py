@@ -318,6 +318,33 @@ def test_learning_curve_scores_attributes_per_split_and_plots(tmp_path):
     assert Image.open(tmp_path / "curve.png").size == (640, 400)
 
 
+def test_drawn_table_reads_what_each_held_out_prompt_drew(tmp_path):
+    """What was drawn: the detector's readings of each held-out prompt's images, most common first; seen prompts
+    are left out."""
+    from mmdit.toy.detector import ToyDetector
+    from mmdit.toy.evaluate import drawn_table, readings
+    from mmdit.toy.world import ToyObject, render
+
+    def picture(name, *objects):
+        Image.fromarray(render(list(objects))).save(tmp_path / name)
+        return str(tmp_path / name)
+
+    swapped = picture("a.png", ToyObject("circle", "brown", 16, 16, 10), ToyObject("triangle", "green", 46, 46, 10))
+    right = picture("b.png", ToyObject("triangle", "brown", 16, 16, 10), ToyObject("circle", "green", 46, 46, 10))
+    empty = picture("c.png")
+    assert readings(Image.open(swapped), ToyDetector()) == "brown circle + green triangle"
+    assert readings(Image.open(empty), ToyDetector()) == "nothing"
+    meta = json.dumps({"held_out": True})
+    prompt = "a photo of a brown triangle and a green circle"
+    results = [{"prompt": prompt, "filename": f, "correct": f == right, "metadata": meta}
+               for f in (swapped, swapped, right)]
+    results.append({"prompt": "a photo of a red square", "filename": empty, "correct": False,
+                    "metadata": json.dumps({"held_out": False})})
+    table = drawn_table(results, ToyDetector())
+    assert f"| {prompt} | 1/3 | brown circle + green triangle (2); brown triangle + green circle (1) |" in table
+    assert "red square" not in table
+
+
 def test_make_toy_world_trains_components_once_and_recipes_copy_them(tmp_path, capsys):
     """`data/make_toy.py world` trains the VAE and the towers (a few steps here) into a pipeline the real loaders
     read; with --components it copies given ones instead, and refuses training flags beside it."""

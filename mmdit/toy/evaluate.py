@@ -7,7 +7,9 @@ apart, as a table and a learning curve (score against samples seen).
 Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with the
 sampling defaults of the bundled model (28 Euler steps, CFG 2), and the toy detector judges it. Per attribute:
 shape = single and two objects, colour = colours, count = counting, position = position, binding = colour
-attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curve_no_t5.* with --no-t5).
+attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curve_no_t5.* with --no-t5), and
+RUN/eval/drawn_t5.md: for each held-out prompt of the last model scored, what the detector read in its images (the
+objects' colours and shapes), most common first, which tells a wrong colour from a swapped one.
 """
 
 from __future__ import annotations
@@ -63,6 +65,31 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
              record=record, overwrite=True)
     results = score(outdir, ToyDetector(), outdir / "results.jsonl")
     return attribute_scores([json.loads(line) for line in results.read_text().splitlines()])
+
+
+def readings(image, detector) -> str:
+    """What a picture shows, as the detector reads it: its clear objects (GenEval's 0.3 threshold) as "colour
+    shape", sorted and joined by " + "; "nothing" when there is none."""
+    objects = sorted(f"{d.color} {shape}" for shape, found in detector(image).items() for d in found if d.score > 0.3)
+    return " + ".join(objects) or "nothing"
+
+
+def drawn_table(results: list[dict], detector, only_held_out: bool = True, most_common: int = 3) -> str:
+    """A markdown table: per prompt, its image accuracy and the readings of its images, most common first."""
+    from collections import Counter
+
+    from PIL import Image
+
+    by_prompt: dict[str, list[dict]] = {}
+    for r in results:
+        if not only_held_out or json.loads(r["metadata"]).get("held_out", False):
+            by_prompt.setdefault(r["prompt"], []).append(r)
+    lines = ["| prompt | correct | drawn (images) |", "|---|---|---|"]
+    for prompt, rows in by_prompt.items():
+        counts = Counter(readings(Image.open(r["filename"]), detector) for r in rows)
+        drawn = "; ".join(f"{what} ({n})" for what, n in counts.most_common(most_common))
+        lines.append(f"| {prompt} | {sum(r['correct'] for r in rows)}/{len(rows)} | {drawn} |")
+    return "\n".join(lines)
 
 
 def made_with(weights, components, no_t5: bool) -> dict:
@@ -160,6 +187,11 @@ def main(argv=None):
     (out / f"curve_{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / f"curve_{tag}.md").write_text(curve_table(rows) + "\n")
     plot_curve(rows, out / f"curve_{tag}.png")
+    from mmdit.toy.detector import ToyDetector
+
+    last = run / "eval" / f"{tag}_step_{rows[-1]['step']:08d}" / "results.jsonl"
+    results = [json.loads(line) for line in last.read_text().splitlines()]
+    (out / f"drawn_{tag}.md").write_text(drawn_table(results, ToyDetector()) + "\n")
     print(curve_table(rows))
 
 
