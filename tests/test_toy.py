@@ -318,6 +318,32 @@ def test_learning_curve_scores_attributes_per_split_and_plots(tmp_path):
     assert Image.open(tmp_path / "curve.png").size == (640, 400)
 
 
+def test_held_out_probes_test_on_exactly_the_held_out_combinations():
+    """The held-out probes train on the prompts training shows and test on those world.HELD_OUT_* holds out; a
+    code that names each word's own slot reads a held-out pair as it reads a seen one."""
+    import torch
+
+    from mmdit.toy import probes
+    from mmdit.toy.world import COLORS, HELD_OUT_COLORS, HELD_OUT_COUNTS, HELD_OUT_POSITIONS
+
+    prompts = probes.probe_prompts()
+    for probe, held in (("colour", {f"a photo of a {c} {s}" for c, s in HELD_OUT_COLORS}),
+                        ("layout", {f"a photo of a {a} {r} a {b}" for a, r, b in HELD_OUT_POSITIONS}),
+                        ("count", {f"a photo of {['two', 'three', 'four'][n - 2]} {s}s" for n, s in HELD_OUT_COUNTS})):
+        train, test = probes.held_out_split(probe)
+        assert {prompts[probe][0][i] for i in test} == held
+        assert len(train) + len(test) == len(prompts[probe][0]) and not set(train) & set(test)
+    layout = dict(zip(*prompts["layout"]))
+    assert layout["a photo of a triangle above a circle"] == layout["a photo of a circle below a triangle"]
+    assert layout["a photo of a triangle above a circle"] != layout["a photo of a circle above a triangle"]
+    assert layout["a photo of a triangle above a circle"] != layout["a photo of a triangle left of a circle"]
+    texts, labels = prompts["colour"]
+    one_hot = torch.eye(len(COLORS))[[COLORS.index(t.split()[4]) for t in texts]]
+    assert probes.probe_accuracy(one_hot, labels, split=probes.held_out_split("colour")) == 1.0
+    shuffled = one_hot[torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))]
+    assert probes.probe_accuracy(shuffled, labels, split=probes.held_out_split("colour")) < 0.5
+
+
 def test_drawn_table_reads_what_each_held_out_prompt_drew(tmp_path):
     """What was drawn: the detector's readings of each held-out prompt's images, most common first; seen prompts
     are left out."""

@@ -7,8 +7,14 @@ Each probe is a logistic regression from one view of the towers' outputs to one 
     shape     the same prompts                                      -> the shape
     count     "a photo of {n} {shape}s"                            -> n
     relation  "a photo of a {shape} {relation} a {shape}"          -> the relation
+    layout    the same prompts                                      -> the axis and which shape is at its top or left
+                                                                       (what the picture must show; word order)
     binding   "a photo of a {c1} {s1} and a {c2} {s2}" with a square -> the square's colour (a bag of words that
               knows both colours but not which shape carries which gets about half of them)
+
+The held-out probes train on the prompts whose combination training shows and test on those it holds out
+(world.HELD_OUT_*: colour-shape pairs, counts, relation phrasings; for binding, a held-out pair beside a square whose
+own pair is seen): whether the towers code a combination they never saw as they code those they did.
 
 Views: `pooled`, the vector adaLN reads (CLIP-L and CLIP-G pooled); `tokens`, the context the joint attention
 reads, as a set (SD3 gives context tokens no positions): each tower's mean token state. The control is what the
@@ -25,24 +31,48 @@ import torch
 
 from mmdit.toy import world
 
-PROBES = ("colour", "shape", "count", "relation", "binding")
+PROBES = ("colour", "shape", "count", "relation", "layout", "binding")
+HELD_OUT_PROBES = ("colour", "count", "layout", "binding")   # trained on seen combinations, tested on held-out
+
+
+def _families() -> dict[str, list[tuple[str, int, bool | None]]]:
+    """{probe: [(prompt, label, held out)]}: held out True for a combination world.HELD_OUT_* never trains, None
+    where that leaves the label itself unseen (a held-out probe can neither train nor test on those)."""
+    C, S, R = world.COLORS, world.SHAPES, world.RELATIONS
+    pairs = [(f"a photo of a {c} {s}", c, s, (c, s) in world.HELD_OUT_COLORS) for c, s in itertools.product(C, S)]
+    binding = []
+    for (a, b), c1, c2 in itertools.product(itertools.permutations(S, 2), C, C):
+        if "square" in (a, b) and c1 != c2:
+            square, other = ((c1, a), (c2, b)) if a == "square" else ((c2, b), (c1, a))
+            held = None if square in world.HELD_OUT_COLORS else other in world.HELD_OUT_COLORS
+            binding.append((f"a photo of a {c1} {a} and a {c2} {b}", C.index(square[0]), held))
+    relation, layout = [], []
+    for (a, b), r in itertools.product(itertools.permutations(S, 2), R):
+        prompt, held = f"a photo of a {a} {r} a {b}", (a, r, b) in world.HELD_OUT_POSITIONS
+        relation.append((prompt, R.index(r), held))
+        # the picture it asks for: the axis and the shape at its top or left end ("a triangle above a circle" and
+        # "a circle below a triangle" are one layout); a bag of words cannot tell which shape that is
+        first = a if r in ("left of", "above") else b
+        layout.append((prompt, 3 * (r in ("above", "below")) + S.index(first), held))
+    return {"colour": [(p, C.index(c), held) for p, c, _, held in pairs],
+            "shape": [(p, S.index(s), held) for p, _, s, held in pairs],
+            "count": [(f"a photo of {world.NUMBERS[n]} {s}s", n - 2, (n, s) in world.HELD_OUT_COUNTS)
+                      for n, s in itertools.product(world.NUMBERS, S)],
+            "relation": relation, "layout": layout, "binding": binding}
 
 
 def probe_prompts() -> dict[str, tuple[list[str], list[int]]]:
     """{probe: (prompts, labels)}."""
-    C, S, R = world.COLORS, world.SHAPES, world.RELATIONS
-    colour = [(f"a photo of a {c} {s}", C.index(c), S.index(s)) for c, s in itertools.product(C, S)]
-    count = [(f"a photo of {world.NUMBERS[n]} {s}s", n - 2) for n, s in itertools.product(world.NUMBERS, S)]
-    relation = [(f"a photo of a {a} {r} a {b}", R.index(r)) for a, b in itertools.permutations(S, 2) for r in R]
-    binding = []
-    for (a, b), c1, c2 in itertools.product(itertools.permutations(S, 2), C, C):
-        if "square" in (a, b) and c1 != c2:
-            binding.append((f"a photo of a {c1} {a} and a {c2} {b}", C.index(c1 if a == "square" else c2)))
-    return {"colour": ([p for p, *_ in colour], [c for _, c, _ in colour]),
-            "shape": ([p for p, *_ in colour], [s for *_, s in colour]),
-            "count": ([p for p, _ in count], [n for _, n in count]),
-            "relation": ([p for p, _ in relation], [r for _, r in relation]),
-            "binding": ([p for p, _ in binding], [c for _, c in binding])}
+    return {probe: ([p for p, _, _ in rows], [y for _, y, _ in rows]) for probe, rows in _families().items()}
+
+
+def held_out_split(probe: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices into probe_prompts()[probe]: the prompts training shows, and those it holds out.
+    A held-out probe asks whether the towers put a combination they never saw in the code of those they did:
+    where they do, an MM-DiT that fails the combination fails it itself."""
+    held = [h for _, _, h in _families()[probe]]
+    return (np.array([i for i, h in enumerate(held) if h is False]),
+            np.array([i for i, h in enumerate(held) if h is True]))
 
 
 def tower_features(text, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -70,11 +100,13 @@ def control_features(prompts: list[str], width: int = 256, length: int = 12, see
     return {"pooled": states.mean(1), "tokens": states.mean(1)}
 
 
-def probe_accuracy(features: torch.Tensor, labels: list[int], seed: int = 0, steps: int = 300) -> float:
-    """Test accuracy of a logistic regression (standardised features, weight decay) on a fixed 70/30 split."""
+def probe_accuracy(features: torch.Tensor, labels: list[int], seed: int = 0, steps: int = 300,
+                   split: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Test accuracy of a logistic regression (standardised features, weight decay) on a fixed 70/30 split, or on
+    split = (train, test) indices."""
     n = len(labels)
     order = np.random.default_rng(seed).permutation(n)
-    train, test = order[: math.ceil(0.7 * n)], order[math.ceil(0.7 * n):]
+    train, test = split if split is not None else (order[: math.ceil(0.7 * n)], order[math.ceil(0.7 * n):])
     y = torch.tensor(labels)
     x = features.double()
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
@@ -102,14 +134,18 @@ def probe_table(sources: dict) -> dict[str, dict[str, dict[str, float]]]:
             features = control_features(texts) if text == "control" else tower_features(text, texts)
             for view in ("pooled", "tokens"):
                 table[name][view][probe] = probe_accuracy(features[view], labels)
+                if probe in HELD_OUT_PROBES:
+                    table[name][view][f"held-out {probe}"] = probe_accuracy(features[view], labels,
+                                                                            split=held_out_split(probe))
     return table
 
 
 def format_table(table: dict) -> str:
-    lines = ["| towers | view | " + " | ".join(PROBES) + " |", "|---|---|" + "---|" * len(PROBES)]
+    columns = list(PROBES) + [f"held-out {p}" for p in HELD_OUT_PROBES]
+    lines = ["| towers | view | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for name, views in table.items():
         for view, scores in views.items():
-            lines.append(f"| {name} | {view} | " + " | ".join(f"{scores[p]:.2f}" for p in PROBES) + " |")
+            lines.append(f"| {name} | {view} | " + " | ".join(f"{scores[p]:.2f}" for p in columns) + " |")
     return "\n".join(lines)
 
 
