@@ -366,8 +366,15 @@ def test_drawn_table_reads_what_each_held_out_prompt_drew(tmp_path):
                for f in (swapped, swapped, right)]
     results.append({"prompt": "a photo of a red square", "filename": empty, "correct": False,
                     "metadata": json.dumps({"held_out": False})})
+    where = {"tag": "position", "held_out": True,
+             "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}]}
+    for circle_x in (5, 40, 50):   # one circle left of the square, two right of it
+        results.append({"prompt": "a photo of a circle left of a square", "filename": empty, "correct": False,
+                        "metadata": json.dumps(where), "details": json.dumps(
+                            {"circle": [[circle_x, 5, circle_x + 10, 15, 1.0]], "square": [[20, 5, 30, 15, 1.0]]})})
     table = drawn_table(results, ToyDetector())
     assert f"| {prompt} | 1/3 | brown circle + green triangle (2); brown triangle + green circle (1) |" in table
+    assert "| a photo of a circle left of a square | 0/3 | nothing (3); layout as asked 1, reversed 2 |" in table
     assert "red square" not in table
 
 

@@ -88,8 +88,28 @@ def drawn_table(results: list[dict], detector, only_held_out: bool = True, most_
     for prompt, rows in by_prompt.items():
         counts = Counter(readings(Image.open(r["filename"]), detector) for r in rows)
         drawn = "; ".join(f"{what} ({n})" for what, n in counts.most_common(most_common))
+        meta = json.loads(rows[0]["metadata"])
+        if meta.get("tag") == "position":
+            asked, reversed_ = layout_counts(rows, meta)
+            drawn += f"; layout as asked {asked}, reversed {reversed_}"
         lines.append(f"| {prompt} | {sum(r['correct'] for r in rows)}/{len(rows)} | {drawn} |")
     return "\n".join(lines)
+
+
+def layout_counts(rows: list[dict], meta: dict) -> tuple[int, int]:
+    """Of a position prompt's images that show both shapes, how many put them as asked and how many the other way
+    round (first detection of each shape, centres compared along the relation's axis)."""
+    reference, placed = meta["include"][0]["class"], meta["include"][1]["class"]
+    axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[
+        meta["include"][1]["position"][0]]
+    asked = reversed_ = 0
+    for r in rows:
+        found = json.loads(r.get("details") or "{}")
+        if reference in found and placed in found:
+            a, b = found[placed][0], found[reference][0]
+            offset = sign * ((a[axis] + a[axis + 2]) - (b[axis] + b[axis + 2]))
+            asked, reversed_ = asked + (offset > 0), reversed_ + (offset < 0)
+    return asked, reversed_
 
 
 def made_with(weights, components, no_t5: bool) -> dict:
