@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from mmdit.cli import Parser, fail
@@ -68,16 +69,17 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
 
 
 def readings(image, detector) -> str:
-    """What a picture shows, as the detector reads it: its clear objects (GenEval's 0.3 threshold) as "colour
+    """What a picture shows, as the detector reads it: its clear objects (above GenEval's threshold) as "colour
     shape", sorted and joined by " + "; "nothing" when there is none."""
-    objects = sorted(f"{d.color} {shape}" for shape, found in detector(image).items() for d in found if d.score > 0.3)
+    from mmdit.eval.geneval import THRESHOLD
+
+    objects = sorted(f"{d.color} {shape}" for shape, found in detector(image).items() for d in found
+                     if d.score > THRESHOLD)
     return " + ".join(objects) or "nothing"
 
 
 def drawn_table(results: list[dict], detector, only_held_out: bool = True, most_common: int = 3) -> str:
     """A markdown table: per prompt, its image accuracy and the readings of its images, most common first."""
-    from collections import Counter
-
     from PIL import Image
 
     by_prompt: dict[str, list[dict]] = {}
@@ -98,17 +100,20 @@ def drawn_table(results: list[dict], detector, only_held_out: bool = True, most_
 
 def layout_counts(rows: list[dict], meta: dict) -> tuple[int, int]:
     """Of a position prompt's images that show both shapes, how many put them as asked and how many the other way
-    round (first detection of each shape, centres compared along the relation's axis)."""
+    round, by GenEval's own relation test (its dead zone included) on the most confident detection of each."""
+    from mmdit.eval.detection import Detection
+    from mmdit.eval.geneval import relative_position
+
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     reference, placed = meta["include"][0]["class"], meta["include"][1]["class"]
-    axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[
-        meta["include"][1]["position"][0]]
+    relation = meta["include"][1]["position"][0]
     asked = reversed_ = 0
     for r in rows:
         found = json.loads(r.get("details") or "{}")
         if reference in found and placed in found:
-            a, b = found[placed][0], found[reference][0]
-            offset = sign * ((a[axis] + a[axis + 2]) - (b[axis] + b[axis + 2]))
-            asked, reversed_ = asked + (offset > 0), reversed_ + (offset < 0)
+            relations = relative_position(Detection(tuple(found[placed][0][:4]), 1.0),
+                                          Detection(tuple(found[reference][0][:4]), 1.0))
+            asked, reversed_ = asked + (relation in relations), reversed_ + (opposite[relation] in relations)
     return asked, reversed_
 
 

@@ -1,0 +1,137 @@
+"""The toy world's measuring tools: the text probes (what the towers tell, on seen and held-out prompts) and the
+evaluation's tables (per-attribute scores, the learning curve, what each held-out prompt drew)."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+
+def test_probes_see_more_in_the_shipped_towers_than_in_random_ones():
+    """Linear probes (mmdit.toy.probes) on the bundled towers against the same architecture at random weights:
+    the shipped ones must tell which shape carries which colour (binding) clearly better."""
+    from mmdit.loading import load_conditioning
+    from mmdit.toy import BUNDLED_MODEL, probes
+
+    shipped, _ = load_conditioning(BUNDLED_MODEL)
+    prompts, labels = probes.probe_prompts()["binding"]
+    scores = {name: probes.probe_accuracy(probes.tower_features(text, prompts)["pooled"], labels)
+              for name, text in (("shipped", shipped), ("random", probes.random_towers(shipped)))}
+    assert scores["shipped"] >= scores["random"] + 0.2, scores
+
+
+def test_learning_curve_scores_attributes_per_split_and_plots(tmp_path):
+    """mmdit.toy.evaluate: per-attribute image accuracy for seen and held-out prompts, a table and a PNG curve."""
+    from mmdit.toy.evaluate import attribute_scores, curve_table, plot_curve
+
+    def result(tag, held_out, correct):
+        return {"tag": tag, "correct": correct, "metadata": json.dumps({"tag": tag, "held_out": held_out})}
+
+    results = [result("colors", False, True), result("colors", False, False), result("color_attr", False, True),
+               result("single_object", True, True), result("counting", True, False)]
+    scores = attribute_scores(results)
+    assert scores["seen"]["colour"] == 0.5 and scores["seen"]["binding"] == 1.0 and scores["seen"]["shape"] is None
+    assert scores["held_out"]["shape"] == 1.0 and scores["held_out"]["count"] == 0.0
+    assert scores["seen"]["overall"] == 0.75 and scores["held_out"]["overall"] == 0.5   # GenEval's task mean
+    rows = [{"step": s, "samples": 32 * s, **scores} for s in (100, 200)]
+    assert "| 200 | 6400 | held_out | 0.500 |" in curve_table(rows)
+    plot_curve(rows, tmp_path / "curve.png")
+    assert Image.open(tmp_path / "curve.png").size == (640, 400)
+
+
+def test_held_out_probes_test_on_exactly_the_held_out_combinations():
+    """The held-out probes train on the prompts training shows and test on those world.HELD_OUT_* holds out (for
+    binding, only those whose square is a seen pair: a held-out square colour is never a training label)."""
+    from mmdit.toy import probes
+    from mmdit.toy.world import (
+        HELD_OUT_COLORS,
+        HELD_OUT_COUNTS,
+        HELD_OUT_POSITIONS,
+    )
+
+    prompts = probes.probe_prompts()
+    for probe, held in (("colour", {f"a photo of a {c} {s}" for c, s in HELD_OUT_COLORS}),
+                        ("layout", {f"a photo of a {a} {r} a {b}" for a, r, b in HELD_OUT_POSITIONS}),
+                        ("count", {f"a photo of {['two', 'three', 'four'][n - 2]} {s}s" for n, s in HELD_OUT_COUNTS})):
+        train, test = probes.held_out_split(probe)
+        assert {prompts[probe][0][i] for i in test} == held
+        assert len(train) + len(test) == len(prompts[probe][0]) and not set(train) & set(test)
+    train, test = probes.held_out_split("binding")
+    texts = prompts["binding"][0]
+    pairs = [[(w[4], w[5]), (w[8], w[9])] for w in (texts[i].split() for i in range(len(texts)))]
+    assert len(test) == 56 and all(
+        any(p in HELD_OUT_COLORS for p in pairs[i]) and not any(p in HELD_OUT_COLORS and p[1] == "square"
+                                                                for p in pairs[i]) for i in test)
+    assert not any(p in HELD_OUT_COLORS for i in train for p in pairs[i])
+
+
+def test_layout_labels_say_what_the_picture_shows():
+    """One label per picture: mirrored phrasings of one layout share it, another axis or another shape at the
+    top or left end does not."""
+    from mmdit.toy import probes
+
+    layout = dict(zip(*probes.probe_prompts()["layout"]))
+    same = [("a triangle above a circle", "a circle below a triangle"),
+            ("a circle left of a square", "a square right of a circle")]
+    other = [("a triangle above a circle", "a circle above a triangle"),
+             ("a triangle above a circle", "a triangle left of a circle"),
+             ("a circle left of a square", "a circle right of a square")]
+    for a, b in same:
+        assert layout[f"a photo of {a}"] == layout[f"a photo of {b}"], (a, b)
+    for a, b in other:
+        assert layout[f"a photo of {a}"] != layout[f"a photo of {b}"], (a, b)
+
+
+def test_a_held_out_probe_scores_the_held_out_prompts():
+    """probe_accuracy with a split tests on that split's prompts: features right for every seen pair and wrong for
+    every held-out one score 0 there, and well above 0 on a random 70/30 split."""
+    from mmdit.toy import probes
+    from mmdit.toy.world import COLORS, HELD_OUT_COLORS
+
+    texts, labels = probes.probe_prompts()["colour"]
+    colour = [COLORS.index(t.split()[4]) for t in texts]
+    wrong = [(c + 1) % len(COLORS) if (t.split()[4], t.split()[5]) in HELD_OUT_COLORS else c
+             for t, c in zip(texts, colour)]
+    features = torch.eye(len(COLORS))[wrong]
+    assert probes.probe_accuracy(features, labels, split=probes.held_out_split("colour")) == 0.0
+    assert probes.probe_accuracy(features, labels) > 0.5
+    assert probes.probe_accuracy(torch.eye(len(COLORS))[colour], labels, split=probes.held_out_split("colour")) == 1.0
+
+
+@pytest.mark.parametrize("relation, circle_x, circle_y", [("left of", (5, 40, 50), 5), ("right of", (50, 5, 8), 5),
+                                                           ("above", 20, (5, 40, 50)), ("below", 20, (50, 5, 8))])
+def test_drawn_table_reads_what_each_held_out_prompt_drew(tmp_path, relation, circle_x, circle_y):
+    """What was drawn: the detector's readings of each held-out prompt's images, most common first, and a position
+    prompt's layouts as asked or the other way round (GenEval's relation test); seen prompts are left out."""
+    from mmdit.toy.detector import ToyDetector
+    from mmdit.toy.evaluate import drawn_table, readings
+    from mmdit.toy.world import ToyObject, render
+
+    def picture(name, *objects):
+        Image.fromarray(render(list(objects))).save(tmp_path / name)
+        return str(tmp_path / name)
+
+    swapped = picture("a.png", ToyObject("circle", "brown", 16, 16, 10), ToyObject("triangle", "green", 46, 46, 10))
+    right = picture("b.png", ToyObject("triangle", "brown", 16, 16, 10), ToyObject("circle", "green", 46, 46, 10))
+    empty = picture("c.png")
+    assert readings(Image.open(swapped), ToyDetector()) == "brown circle + green triangle"
+    assert readings(Image.open(empty), ToyDetector()) == "nothing"
+    meta = json.dumps({"held_out": True})
+    prompt = "a photo of a brown triangle and a green circle"
+    results = [{"prompt": prompt, "filename": f, "correct": f == right, "metadata": meta}
+               for f in (swapped, swapped, right)]
+    results.append({"prompt": "a photo of a red square", "filename": empty, "correct": False,
+                    "metadata": json.dumps({"held_out": False})})
+    where = {"tag": "position", "held_out": True,
+             "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": [relation, 0]}]}
+    xs = circle_x if isinstance(circle_x, tuple) else (circle_x,) * 3
+    ys = circle_y if isinstance(circle_y, tuple) else (circle_y,) * 3
+    for x, y in zip(xs, ys):   # the square at (20-30, 20-30): one circle as asked, two the other way round
+        results.append({"prompt": f"a photo of a circle {relation} a square", "filename": empty, "correct": False,
+                        "metadata": json.dumps(where),
+                        "details": json.dumps({"circle": [[x, y, x + 10, y + 10, 1.0]], "square": [[20, 20, 30, 30, 1.0]]})})
+    table = drawn_table(results, ToyDetector())
+    assert f"| {prompt} | 1/3 | brown circle + green triangle (2); brown triangle + green circle (1) |" in table
+    assert f"| a photo of a circle {relation} a square | 0/3 | nothing (3); layout as asked 1, reversed 2 |" in table
+    assert "red square" not in table
