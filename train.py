@@ -373,10 +373,11 @@ def check_recipe(args):
         prepare = preparation_step(cfg.data.prepare) if cfg.data.prepare else None
         missing = [s for s in (cfg.data.shards, cfg.data.val_shards)
                    if s and names_folder(s) and not (Path(s) / "manifest.json").is_file()]
-        if prepare and missing:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise ValueError(f"data.prepare ({cfg.data.prepare}) runs in one process: run `python3 train.py` "
-                                 f"with this recipe once first")
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if prepare and missing and several:
+            raise ValueError(f"data.prepare ({cfg.data.prepare}) runs in one process: run `python3 train.py` "
+                             f"with this recipe once first")
+        if prepare and not several:   # also when the shards are there: it keeps them once it has checked them
             import torch
 
             prepare(cfg.data.shards, cfg.data.val_shards, cfg.data.prepare_args,

@@ -41,6 +41,18 @@ def test_dataset_is_deterministic_in_img2dataset_layout(tmp_path):
     assert names[:3] == ["000000040.png", "000000040.txt", "000000040.json"] and len(names) == 30
 
 
+def test_images_of_an_earlier_world_are_refused(tmp_path):
+    toy.write_dataset(tmp_path, 10, per_shard=10)
+    assert json.loads((tmp_path / toy.STAMP).read_text()) == {"version": toy.VERSION}
+    toy.write_dataset(tmp_path, 20, per_shard=10)   # this world's shards are kept and the folder grows
+    (tmp_path / toy.STAMP).unlink()                 # as every world before stamps left its folder
+    with pytest.raises(ValueError, match=f"made by version 1 of the toy world, and this is version {toy.VERSION}"):
+        toy.write_dataset(tmp_path, 20, per_shard=10)
+    (tmp_path / toy.STAMP).write_text(json.dumps({"version": toy.VERSION + 1}))
+    with pytest.raises(ValueError, match=f"version {toy.VERSION + 1} of the toy world"):
+        toy.write_dataset(tmp_path, 20, per_shard=10)
+
+
 def test_detector_reads_back_every_training_image(tmp_path):
     """Captions match images, and the detector is right on every clean image (which also validates it)."""
     paths = toy.write_dataset(tmp_path, 400, seed=0, per_shard=200)
@@ -75,18 +87,21 @@ def test_detector_rejects_what_a_caption_does_not_show():
 
 def test_held_out_combinations_never_reach_training():
     rng = np.random.default_rng(1)
-    captions, drawn, counts = set(), set(), set()
+    captions, named, unnamed, counts = set(), set(), set(), set()
     for i in range(3000):
         task = list(toy.TASK_WEIGHTS)[i % 5]
         objects, caption, meta = toy.sample_scene(rng, task)
         captions.add(caption)
-        drawn |= {(o.color, o.shape) for o in objects}
+        (named if task in ("colors", "color_attr") else unnamed).update((o.color, o.shape) for o in objects)
         if task == "counting":
             counts.add((len(objects), objects[0].shape))
     prompts = toy.evaluation_prompts()
     held = [p for p in prompts if p["held_out"]]
     assert not {p["prompt"] for p in held} & captions
-    assert not drawn & toy.HELD_OUT_COLORS and len(drawn) == 30 - len(toy.HELD_OUT_COLORS)
+    # a held-out colour-shape pair is drawn, but only in scenes whose captions name no colour
+    assert not named & toy.HELD_OUT_COLORS and len(named) == 30 - len(toy.HELD_OUT_COLORS)
+    assert toy.HELD_OUT_COLORS <= unnamed and len(unnamed) == 30
+    assert not any(f"{c} {s}" in caption for c, s in toy.HELD_OUT_COLORS for caption in captions)
     assert not counts & toy.HELD_OUT_COUNTS
     # every seen prompt of the small tasks is a training caption
     small = [p for p in prompts if not p["held_out"] and p["tag"] != "color_attr"]
@@ -152,6 +167,14 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
                        "data.num_workers=0", "data.batch_size=8"]) == 0
     manifest = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
     assert manifest["samples"] == 64 and manifest["identities"]["t5_tokens"] == 12
+    # shards from an earlier world are refused before any compute, with one line, when the recipe runs again
+    (tmp_path / "shards" / "val" / toy.STAMP).unlink()
+    with pytest.raises(SystemExit) as e:
+        train.main([f"data.shards={tmp_path / 'shards/train'}", f"data.val_shards={tmp_path / 'shards/val'}",
+                    f"data.prepare_args={world_args}", f"train.out_dir={tmp_path / 'run2'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"shards/val was made by version 1 of the toy world" in err
+    assert not (tmp_path / "run2").exists()
     assert json.loads((run / "run.json").read_text())["precision"] in ("bf16", "fp32")
     exported = run / "export" / "pipeline"
     ema = load_mmdit(run / "export" / "ema.safetensors").state_dict()   # the pipeline carries exactly the EMA

@@ -195,7 +195,8 @@ def mend_pipeline_decoder(args: argparse.Namespace, weights: Path, stored: str, 
 def prepare(shards: str, val_shards: str, prepare_args: list[str], device):
     """The shards of a toy recipe: the world (prepare_args: the flags of `data/make_toy.py world`), then its train
     and val images precomputed through the real precompute, on device, into shards and val_shards where they are
-    missing."""
+    missing. Shards, images and components that are there already are kept, once their stamps say this version of
+    the world made them (else ValueError)."""
     from mmdit import precompute
     from mmdit.cli import Parser
 
@@ -206,7 +207,10 @@ def prepare(shards: str, val_shards: str, prepare_args: list[str], device):
     pipeline = build_world(args)
     options = precompute.Options(model=str(pipeline), resolution=world.SIDE, batch_size=64)
     for split, out in (("train", shards), ("val", val_shards)):
-        if out and not (Path(out) / "manifest.json").is_file():
+        if out and (Path(out) / "manifest.json").is_file():
+            world.check_stamp(out)
+        elif out:
             tars = sorted(str(p) for p in (Path(args.out) / "images" / split).glob("*.tar"))
             print(f"toy world: precomputing {len(tars)} {split} shards into {out}", file=sys.stderr)
             precompute.run(tars, out, options, device)
+            world.stamp(out)

@@ -6,10 +6,12 @@ in GenEval's six tasks: single object, two objects, counting (two to four), colo
 above, below) and colour attribution. The world is small enough that an SD3-architecture pipeline trains on it on a CPU in minutes, and plain
 image analysis can judge it (mmdit.toy.detector), so it gives a quality signal on any machine.
 
-Held out of training, so generalisation can be measured (HELD_OUT_*): six colour-shape pairs are never drawn at
-all; three count-shape combinations are never drawn; four position phrasings and two two-object orderings never
-appear as captions (the same layouts do, phrased the other way round); and a lone shape is always captioned with
-its colour, so the bare "a photo of a circle" is never a training caption.
+Held out of training, so generalisation can be measured (HELD_OUT_*), each one attribute away from what is trained:
+six colour-shape pairs are never named in a caption (a purple triangle is drawn only in scenes whose captions name
+no colour: two objects, counting, position; the picture is known, the words "purple triangle" are not); three
+count-shape combinations are never drawn; four position phrasings and two two-object orderings never appear as
+captions (the same layouts do, phrased the other way round); and a lone shape is always captioned with its colour,
+so the bare "a photo of a circle" is never a training caption.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ RELATIONS = ("left of", "right of", "above", "below")
 # cell for the 8x-down VAE to keep them; smaller squares and triangles come back rounded (README: the toy world).
 RADIUS = (9.0, 12.0)
 
+# Named only, never drawn under their names: a world that never drew them at all taught the MM-DiT each shape's
+# colours as a closed list, and held-out colour prompts fell the longer it trained (README: the toy world).
 HELD_OUT_COLORS = {("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "triangle"),
                    ("green", "circle"), ("white", "square")}
 HELD_OUT_COUNTS = {(3, "triangle"), (4, "circle"), (2, "square")}
@@ -45,6 +49,10 @@ HELD_OUT_POSITIONS = {("circle", "left of", "square"), ("triangle", "above", "ci
                       ("square", "below", "triangle"), ("triangle", "right of", "square")}
 HELD_OUT_PAIRS = {("triangle", "circle"), ("square", "triangle")}   # "a photo of a triangle and a circle"
 TASK_WEIGHTS = {"colors": 0.2, "two_object": 0.15, "counting": 0.2, "position": 0.2, "color_attr": 0.25}
+# Raised whenever one seed draws other pictures or captions than before, so that images and shards of an earlier
+# world are refused rather than trained on (2: held-out colour-shape pairs drawn, unnamed, in colour-free scenes).
+VERSION = 2
+STAMP = "toy_world.json"   # {"version": VERSION} in every folder of the world's images and shards
 
 
 @dataclass
@@ -80,7 +88,8 @@ def render(objects: list[ToyObject], side: int = SIDE, supersample: int = 4) -> 
 
 # ---- scenes and their captions ----------------------------------------------------------------------------------
 
-def allowed_colors(shape: str) -> list[str]:
+def nameable_colors(shape: str) -> list[str]:
+    """The colours a training caption may name on shape: all but its held-out pairs (drawn only unnamed)."""
     return [c for c in COLORS if (c, shape) not in HELD_OUT_COLORS]
 
 
@@ -106,11 +115,13 @@ def _place(rng, objects, shape, color, side, near=None, relation=None, tries=200
 
 
 def sample_scene(rng: np.random.Generator, task: str, side: int = SIDE):
-    """(objects, caption, GenEval metadata) for one training scene of a task, avoiding every held-out item."""
+    """(objects, caption, GenEval metadata) for one training scene of a task, avoiding every held-out item: a
+    held-out colour-shape pair is drawn only where the caption names no colour."""
+    named = task in ("colors", "color_attr")   # the tasks whose captions name colours
     while True:
         objects, shapes = [], list(rng.permutation(SHAPES))
         a, b = shapes[0], shapes[1]
-        ca, cb = rng.choice(allowed_colors(a)), rng.choice(allowed_colors(b))
+        ca, cb = (rng.choice(nameable_colors(s) if named else COLORS) for s in (a, b))
         if task == "colors":
             caption, meta = f"a photo of a {ca} {a}", prompt_metadata("colors", [(a, 1, ca)])
             specs = [(a, ca, None, None)]
@@ -124,7 +135,7 @@ def sample_scene(rng: np.random.Generator, task: str, side: int = SIDE):
             if (n, a) in HELD_OUT_COUNTS:
                 continue
             caption, meta = f"a photo of {NUMBERS[n]} {a}s", prompt_metadata("counting", [(a, n, None)])
-            specs = [(a, rng.choice(allowed_colors(a)), None, None) for _ in range(n)]
+            specs = [(a, rng.choice(COLORS), None, None) for _ in range(n)]
         elif task == "position":
             relation = RELATIONS[int(rng.integers(4))]
             if (a, relation, b) in HELD_OUT_POSITIONS:
@@ -280,14 +291,36 @@ def caption_corpus(n: int = 4000, seed: int = 0) -> list[str]:
 
 # ---- the dataset, in img2dataset's webdataset layout -------------------------------------------------------------
 
+def stamp(folder) -> None:
+    """Mark folder as made by this version of the world."""
+    path = Path(folder) / STAMP
+    tmp = path.with_name(f".{STAMP}.tmp")
+    tmp.write_text(json.dumps({"version": VERSION}) + "\n")
+    os.replace(tmp, path)
+
+
+def check_stamp(folder) -> None:
+    """ValueError unless folder was made by this version of the world (a folder from before stamps: version 1)."""
+    path = Path(folder) / STAMP
+    found = json.loads(path.read_text()).get("version") if path.is_file() else 1
+    if found != VERSION:
+        raise ValueError(f"{folder} was made by version {found} of the toy world, and this is version {VERSION}; "
+                         f"remove it, with the world's images and the shards made from them, to make them anew")
+
+
 def write_dataset(out, num_samples: int, seed: int = 0, per_shard: int = 1000, progress=None) -> list[Path]:
     """out/NNNNN.tar of KEY.png, KEY.txt (the caption) and KEY.json (caption, task, objects), as img2dataset
     writes; shard k depends only on (seed, k), and tar headers carry no time or owner, so the bytes are
-    reproducible. Each shard is written under a temporary name and renamed; existing shards are kept."""
+    reproducible. Each shard is written under a temporary name and renamed; existing shards are kept when the
+    folder's stamp says this version of the world wrote them, else refused (ValueError)."""
     from PIL import Image
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):
+        check_stamp(out)
+    else:
+        stamp(out)
     tasks, weights = list(TASK_WEIGHTS), np.array(list(TASK_WEIGHTS.values()))
     paths = []
     for k, start in enumerate(range(0, num_samples, per_shard)):
