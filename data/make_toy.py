@@ -84,9 +84,9 @@ def main(argv=None):
 
         try:
             check_world_arguments(args)
-        except ValueError as e:
+            build_world(args)
+        except ValueError as e:   # bad flags, or images of an earlier world in --out
             fail(PROG, str(e))
-        build_world(args)
     elif args.command == "prompts":
         from mmdit.toy.world import evaluation_prompts
 

@@ -326,6 +326,14 @@ def test_make_toy_world_trains_components_once_and_recipes_copy_them(tmp_path, c
         make_toy.main(["world", "--out", str(tmp_path / "x"), "--components", "bundled", "--vae-steps", "5"])
     assert e.value.code == 2 and "--vae-steps train components" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # a world folder whose validation images an earlier world wrote: one line, and no image written or changed
+    (tmp_path / "copy" / "images" / "val" / toy.STAMP).unlink()
+    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "copy" / "images").rglob("*.tar")}
+    with pytest.raises(SystemExit) as e:
+        make_toy.main(["world", "--out", str(tmp_path / "copy"), "--train-samples", "32", "--val-samples", "4",
+                       "--components", str(tmp_path / "w" / "pipeline")])
+    assert e.value.code == 2 and "images/val was made by version 1 of the toy world" in capsys.readouterr().err
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "copy" / "images").rglob("*.tar")} == before
 
 
 def test_toy_geneval_images_are_kept_only_for_the_same_weights_and_components(toy_pipeline, tmp_path):

@@ -82,6 +82,9 @@ def build_world(args: argparse.Namespace) -> Path:
 
     check_world_arguments(args)
     out = Path(args.out)
+    for split in ("train", "val"):   # both checked before either grows
+        if any((out / "images" / split).glob("*.tar")):
+            world.check_stamp(out / "images" / split)
     started = time.perf_counter()
     for split, n, seed in (("train", args.train_samples, args.seed), ("val", args.val_samples, args.seed + 10_000)):
         with tqdm(total=n, desc=f"toy images ({split})", disable=None) as bar:
