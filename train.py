@@ -373,15 +373,17 @@ def check_recipe(args):
         prepare = preparation_step(cfg.data.prepare) if cfg.data.prepare else None
         missing = [s for s in (cfg.data.shards, cfg.data.val_shards)
                    if s and names_folder(s) and not (Path(s) / "manifest.json").is_file()]
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if prepare and missing and several:
-            raise ValueError(f"data.prepare ({cfg.data.prepare}) runs in one process: run `python3 train.py` "
-                             f"with this recipe once first")
-        if prepare and not several:   # also when the shards are there: it keeps them once it has checked them
+        if prepare and missing:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError(f"data.prepare ({cfg.data.prepare}) runs in one process: run `python3 train.py` "
+                                 f"with this recipe once first")
             import torch
 
             prepare(cfg.data.shards, cfg.data.val_shards, cfg.data.prepare_args,
                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        check_prepared = getattr(importlib.import_module(cfg.data.prepare), "check", None) if prepare else None
+        if callable(check_prepared):   # shards that are there may still be stale (mmdit.toy.prepare: an older world)
+            check_prepared(cfg.data.shards, cfg.data.val_shards, cfg.data.prepare_args)
         if not cfg.data.shards:
             raise ValueError("data.shards is empty: give a shard folder (with manifest.json), a manifest, a pattern "
                              "or URL, e.g. data.shards=shards/train or data.shards='shards/{00000..00009}.tar'")

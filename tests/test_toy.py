@@ -46,11 +46,16 @@ def test_images_of_an_earlier_world_are_refused(tmp_path):
     assert json.loads((tmp_path / toy.STAMP).read_text()) == {"version": toy.VERSION}
     toy.write_dataset(tmp_path, 20, per_shard=10)   # this world's shards are kept and the folder grows
     (tmp_path / toy.STAMP).unlink()                 # as every world before stamps left its folder
-    with pytest.raises(ValueError, match=f"made by version 1 of the toy world, and this is version {toy.VERSION}"):
-        toy.write_dataset(tmp_path, 20, per_shard=10)
+    with pytest.raises(ValueError, match=f"has no toy_world.json .world 1 made it, before stamps.; this code makes "
+                                         f"world {toy.VERSION}: remove {tmp_path} to make them anew"):
+        toy.write_dataset(tmp_path, 30, per_shard=10)
     (tmp_path / toy.STAMP).write_text(json.dumps({"version": toy.VERSION + 1}))
-    with pytest.raises(ValueError, match=f"version {toy.VERSION + 1} of the toy world"):
-        toy.write_dataset(tmp_path, 20, per_shard=10)
+    with pytest.raises(ValueError, match=f"was made by world {toy.VERSION + 1}; this code makes world {toy.VERSION}"):
+        toy.write_dataset(tmp_path, 30, per_shard=10)
+    (tmp_path / toy.STAMP).write_text("[2]")
+    with pytest.raises(ValueError, match="toy_world.json is unreadable"):
+        toy.write_dataset(tmp_path, 30, per_shard=10)
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["00000.tar", "00001.tar"]   # nothing written
 
 
 def test_detector_reads_back_every_training_image(tmp_path):
@@ -167,14 +172,31 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
                        "data.num_workers=0", "data.batch_size=8"]) == 0
     manifest = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
     assert manifest["samples"] == 64 and manifest["identities"]["t5_tokens"] == 12
-    # shards from an earlier world are refused before any compute, with one line, when the recipe runs again
+    # The recipe's shards of an earlier world, and its unfinished shards, are refused before any compute with one
+    # line; shards that this world's prepare did not make (real data: another model in the manifest) are not judged.
+    import shutil
+
+    shutil.copytree(tmp_path / "shards" / "val", tmp_path / "mine")
+    mine = json.loads((tmp_path / "mine" / "manifest.json").read_text())
+    mine["identities"]["model"] = str(tmp_path / "elsewhere")
+    (tmp_path / "mine" / "manifest.json").write_text(json.dumps(mine))
+    (tmp_path / "mine" / toy.STAMP).unlink()
     (tmp_path / "shards" / "val" / toy.STAMP).unlink()
-    with pytest.raises(SystemExit) as e:
-        train.main([f"data.shards={tmp_path / 'shards/train'}", f"data.val_shards={tmp_path / 'shards/val'}",
-                    f"data.prepare_args={world_args}", f"train.out_dir={tmp_path / 'run2'}"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and f"shards/val was made by version 1 of the toy world" in err
-    assert not (tmp_path / "run2").exists()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "00000.tar").write_bytes(b"")
+    capsys.readouterr()
+    for val, refused in (("shards/val", "shards/val has no toy_world.json"), ("half", "half has no toy_world.json")):
+        with pytest.raises(SystemExit) as e:
+            train.main([f"data.shards={tmp_path / 'shards/train'}", f"data.val_shards={tmp_path / val}",
+                        f"data.prepare_args={world_args}", f"train.out_dir={tmp_path / 'run2'}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and refused in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "run2").exists()
+    assert train.main([f"data.shards={tmp_path / 'shards/train'}", f"data.val_shards={tmp_path / 'mine'}",
+                       f"data.prepare_args={world_args}", "train.steps=1", f"train.out_dir={tmp_path / 'run3'}",
+                       f"train.sample_model={tmp_path / 'world/pipeline'}", "data.shuffle_buffer=8",
+                       "data.batch_size=8", "data.num_workers=0"]) == 0
+    (tmp_path / "shards" / "val" / toy.STAMP).write_text(json.dumps({"version": toy.VERSION}))
     assert json.loads((run / "run.json").read_text())["precision"] in ("bf16", "fp32")
     exported = run / "export" / "pipeline"
     ema = load_mmdit(run / "export" / "ema.safetensors").state_dict()   # the pipeline carries exactly the EMA
@@ -326,14 +348,16 @@ def test_make_toy_world_trains_components_once_and_recipes_copy_them(tmp_path, c
         make_toy.main(["world", "--out", str(tmp_path / "x"), "--components", "bundled", "--vae-steps", "5"])
     assert e.value.code == 2 and "--vae-steps train components" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    # a world folder whose validation images an earlier world wrote: one line, and no image written or changed
+    # a world folder whose validation images an earlier world wrote: one line, and the training images (a shard of
+    # them missing) are not written either: both splits are checked before either grows
     (tmp_path / "copy" / "images" / "val" / toy.STAMP).unlink()
-    before = {f: f.stat().st_mtime_ns for f in (tmp_path / "copy" / "images").rglob("*.tar")}
+    (tmp_path / "copy" / "images" / "train" / "00000.tar").rename(tmp_path / "copy" / "images" / "train" / "x.tar")
     with pytest.raises(SystemExit) as e:
-        make_toy.main(["world", "--out", str(tmp_path / "copy"), "--train-samples", "32", "--val-samples", "4",
+        make_toy.main(["world", "--out", str(tmp_path / "copy"), "--train-samples", "16", "--val-samples", "4",
                        "--components", str(tmp_path / "w" / "pipeline")])
-    assert e.value.code == 2 and "images/val was made by version 1 of the toy world" in capsys.readouterr().err
-    assert {f: f.stat().st_mtime_ns for f in (tmp_path / "copy" / "images").rglob("*.tar")} == before
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "images/val has no toy_world.json (world 1 made it" in err
+    assert not (tmp_path / "copy" / "images" / "train" / "00000.tar").exists()
 
 
 def test_toy_geneval_images_are_kept_only_for_the_same_weights_and_components(toy_pipeline, tmp_path):

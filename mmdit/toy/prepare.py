@@ -82,9 +82,8 @@ def build_world(args: argparse.Namespace) -> Path:
 
     check_world_arguments(args)
     out = Path(args.out)
-    for split in ("train", "val"):   # both checked before either grows
-        if any((out / "images" / split).glob("*.tar")):
-            world.check_stamp(out / "images" / split)
+    world.check_stamps([out / "images" / s for s in ("train", "val") if any((out / "images" / s).glob("*.tar"))],
+                       f"{out} (its images and components) and the shards made from it")   # before either grows
     started = time.perf_counter()
     for split, n, seed in (("train", args.train_samples, args.seed), ("val", args.val_samples, args.seed + 10_000)):
         with tqdm(total=n, desc=f"toy images ({split})", disable=None) as bar:
@@ -195,25 +194,53 @@ def mend_pipeline_decoder(args: argparse.Namespace, weights: Path, stored: str, 
           f"{time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
 
-def prepare(shards: str, val_shards: str, prepare_args: list[str], device):
-    """The shards of a toy recipe: the world (prepare_args: the flags of `data/make_toy.py world`), then its train
-    and val images precomputed through the real precompute, on device, into shards and val_shards where they are
-    missing. Shards, images and components that are there already are kept, once their stamps say this version of
-    the world made them (else ValueError)."""
-    from mmdit import precompute
+def world_arguments(prepare_args: list[str]) -> argparse.Namespace:
     from mmdit.cli import Parser
 
     parser = Parser(prog="data.prepare_args (mmdit.toy.prepare)")
     add_world_arguments(parser)
     args = parser.parse_args(list(prepare_args))
     check_world_arguments(args)
+    return args
+
+
+def check(shards: str, val_shards: str, prepare_args: list[str]):
+    """ValueError when the world's images, or shard folders that this recipe's world was precomputed into (their
+    manifest names its pipeline), were made by another version of the world: train.py asks on every launch and
+    rank, before any compute. Reads only; other shards (real data, URLs, patterns) are not this world's to judge."""
+    from mmdit.sources import names_folder
+
+    out = Path(world_arguments(prepare_args).out)
+    folders = [out / "images" / s for s in ("train", "val") if any((out / "images" / s).glob("*.tar"))]
+    for spec in (shards, val_shards):
+        manifest = Path(spec) / "manifest.json" if spec and names_folder(spec) else None
+        if manifest and manifest.is_file():
+            made_from = json.loads(manifest.read_text()).get("identities", {}).get("model")
+            if made_from and Path(made_from) == out / "pipeline":
+                folders.append(Path(spec))
+    world.check_stamps(folders, f"{out} (its images and components) and the shards made from it")
+
+
+def prepare(shards: str, val_shards: str, prepare_args: list[str], device):
+    """The shards of a toy recipe: the world (prepare_args: the flags of `data/make_toy.py world`), then its train
+    and val images precomputed through the real precompute, on device, into the local shard folders of shards and
+    val_shards that have no manifest yet. A folder is stamped with the world's version before precompute writes
+    into it, and one that precompute left unfinished is continued only when its stamp says this world began it."""
+    from mmdit import precompute
+    from mmdit.sources import names_folder
+
+    args = world_arguments(prepare_args)
+    todo = [(split, Path(spec)) for split, spec in (("train", shards), ("val", val_shards))
+            if spec and names_folder(spec) and not (Path(spec) / "manifest.json").is_file()]
+    started = [out for _, out in todo if out.is_dir() and any(out.iterdir())]
+    world.check_stamps(started, f"{', '.join(map(str, started))} (unfinished shards)")
+    if not todo:
+        return
     pipeline = build_world(args)
     options = precompute.Options(model=str(pipeline), resolution=world.SIDE, batch_size=64)
-    for split, out in (("train", shards), ("val", val_shards)):
-        if out and (Path(out) / "manifest.json").is_file():
-            world.check_stamp(out)
-        elif out:
-            tars = sorted(str(p) for p in (Path(args.out) / "images" / split).glob("*.tar"))
-            print(f"toy world: precomputing {len(tars)} {split} shards into {out}", file=sys.stderr)
-            precompute.run(tars, out, options, device)
-            world.stamp(out)
+    for split, out in todo:
+        tars = sorted(str(p) for p in (Path(args.out) / "images" / split).glob("*.tar"))
+        print(f"toy world: precomputing {len(tars)} {split} shards into {out}", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        world.stamp(out)
+        precompute.run(tars, out, options, device)

@@ -299,13 +299,24 @@ def stamp(folder) -> None:
     os.replace(tmp, path)
 
 
-def check_stamp(folder) -> None:
-    """ValueError unless folder was made by this version of the world (a folder from before stamps: version 1)."""
+def stamp_problem(folder) -> str | None:
+    """Why folder's stamp does not say that this version of the world made it; None when it does."""
     path = Path(folder) / STAMP
-    found = json.loads(path.read_text()).get("version") if path.is_file() else 1
-    if found != VERSION:
-        raise ValueError(f"{folder} was made by version {found} of the toy world, and this is version {VERSION}; "
-                         f"remove it, with the world's images and the shards made from them, to make them anew")
+    if not path.is_file():
+        return f"{folder} has no {STAMP} (world 1 made it, before stamps)"
+    try:
+        found = json.loads(path.read_text())["version"]
+    except (ValueError, KeyError, TypeError):
+        return f"{path} is unreadable"
+    return None if found == VERSION else f"{folder} was made by world {found}"
+
+
+def check_stamps(folders, remove: str) -> None:
+    """ValueError naming every folder of folders that this version of the world did not make, and what to remove."""
+    problems = [p for p in map(stamp_problem, folders) if p]
+    if problems:
+        raise ValueError(f"{'; '.join(problems)}; this code makes world {VERSION}: remove {remove} to make them "
+                         f"anew (a newer world needs the code that made it)")
 
 
 def write_dataset(out, num_samples: int, seed: int = 0, per_shard: int = 1000, progress=None) -> list[Path]:
@@ -318,7 +329,7 @@ def write_dataset(out, num_samples: int, seed: int = 0, per_shard: int = 1000, p
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("*.tar")):
-        check_stamp(out)
+        check_stamps([out], str(out))
     else:
         stamp(out)
     tasks, weights = list(TASK_WEIGHTS), np.array(list(TASK_WEIGHTS.values()))
