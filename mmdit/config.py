@@ -299,7 +299,8 @@ class DataSection:
     timeout: float = 30.0                # seconds: connect timeout and stall limit of a remote read
     caption_variant_probs: tuple[float, ...] = (0.5, 0.5)   # the paper's original / synthetic caption mix
     # A module of mmdit whose prepare(shards, val_shards, prepare_args, device) makes the shards when they are
-    # missing (configs/toy.yaml: mmdit.toy.prepare, which builds the toy world); "" = the shards must exist.
+    # missing (configs/toy.yaml: mmdit.toy.prepare, which builds the toy world); "" = the shards must exist. Its
+    # optional check(shards, val_shards, prepare_args) reads shards that are there (every launch and rank).
     prepare: str = ""
     prepare_args: tuple[str, ...] = ()   # its arguments (for the toy world: data/make_toy.py world's flags)
 

@@ -196,7 +196,6 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
                        f"data.prepare_args={world_args}", "train.steps=1", f"train.out_dir={tmp_path / 'run3'}",
                        f"train.sample_model={tmp_path / 'world/pipeline'}", "data.shuffle_buffer=8",
                        "data.batch_size=8", "data.num_workers=0"]) == 0
-    (tmp_path / "shards" / "val" / toy.STAMP).write_text(json.dumps({"version": toy.VERSION}))
     assert json.loads((run / "run.json").read_text())["precision"] in ("bf16", "fp32")
     exported = run / "export" / "pipeline"
     ema = load_mmdit(run / "export" / "ema.safetensors").state_dict()   # the pipeline carries exactly the EMA

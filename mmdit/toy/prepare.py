@@ -70,6 +70,13 @@ def components_dir(name: str) -> Path:
     return BUNDLED_MODEL if name == "bundled" else Path(name)
 
 
+def check_world_folders(out: Path, shard_folders=()):
+    """ValueError unless this version of the world made the image folders of the world in out (those with images)
+    and shard_folders (world.check_stamps)."""
+    images = [out / "images" / split for split in ("train", "val") if any((out / "images" / split).glob("*.tar"))]
+    world.check_stamps(images + list(shard_folders), f"{out} (its images and components) and the shards made from it")
+
+
 def build_world(args: argparse.Namespace) -> Path:
     """The world's images in args.out and its components in args.out/pipeline (see add_world_arguments): trained,
     or copied from --components. Returns the pipeline folder."""
@@ -82,8 +89,7 @@ def build_world(args: argparse.Namespace) -> Path:
 
     check_world_arguments(args)
     out = Path(args.out)
-    world.check_stamps([out / "images" / s for s in ("train", "val") if any((out / "images" / s).glob("*.tar"))],
-                       f"{out} (its images and components) and the shards made from it")   # before either grows
+    check_world_folders(out)   # both splits, before either grows
     started = time.perf_counter()
     for split, n, seed in (("train", args.train_samples, args.seed), ("val", args.val_samples, args.seed + 10_000)):
         with tqdm(total=n, desc=f"toy images ({split})", disable=None) as bar:
@@ -211,14 +217,14 @@ def check(shards: str, val_shards: str, prepare_args: list[str]):
     from mmdit.sources import names_folder
 
     out = Path(world_arguments(prepare_args).out)
-    folders = [out / "images" / s for s in ("train", "val") if any((out / "images" / s).glob("*.tar"))]
+    made_here = []
     for spec in (shards, val_shards):
         manifest = Path(spec) / "manifest.json" if spec and names_folder(spec) else None
         if manifest and manifest.is_file():
             made_from = json.loads(manifest.read_text()).get("identities", {}).get("model")
             if made_from and Path(made_from) == out / "pipeline":
-                folders.append(Path(spec))
-    world.check_stamps(folders, f"{out} (its images and components) and the shards made from it")
+                made_here.append(Path(spec))
+    check_world_folders(out, made_here)
 
 
 def prepare(shards: str, val_shards: str, prepare_args: list[str], device):
