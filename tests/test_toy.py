@@ -92,14 +92,20 @@ def test_detector_rejects_what_a_caption_does_not_show():
 
 def test_held_out_combinations_never_reach_training():
     rng = np.random.default_rng(1)
-    captions, named, unnamed, counts = set(), set(), set(), set()
+    captions, named, unnamed, counts, numberless = set(), set(), set(), set(), set()
     for i in range(3000):
         task = list(toy.TASK_WEIGHTS)[i % 5]
         objects, caption, meta = toy.sample_scene(rng, task)
         captions.add(caption)
         (named if task in ("colors", "color_attr") else unnamed).update((o.color, o.shape) for o in objects)
-        if task == "counting":
+        if meta["tag"] == "counting":
             counts.add((len(objects), objects[0].shape))
+        if meta["tag"] == "numberless":
+            assert caption == f"a photo of {objects[0].shape}s" and {o.shape for o in objects} == {objects[0].shape}
+            numberless.add((len(objects), objects[0].shape))
+        if task == "color_attr":   # never "a green square and a red circle": the words of a held-out pair split
+            words = caption.split()
+            assert not {(words[3], words[7]), (words[6], words[4])} & toy.HELD_OUT_COLORS, caption
     prompts = toy.evaluation_prompts()
     held = [p for p in prompts if p["held_out"]]
     assert not {p["prompt"] for p in held} & captions
@@ -107,7 +113,9 @@ def test_held_out_combinations_never_reach_training():
     assert not named & toy.HELD_OUT_COLORS and len(named) == 30 - len(toy.HELD_OUT_COLORS)
     assert toy.HELD_OUT_COLORS <= unnamed and len(unnamed) == 30
     assert not any(f"{c} {s}" in caption for c, s in toy.HELD_OUT_COLORS for caption in captions)
-    assert not counts & toy.HELD_OUT_COUNTS
+    # a held-out count is drawn, but only under a caption that names no number, as every count and shape is
+    assert not counts & toy.HELD_OUT_COUNTS and len(counts) == 9 - len(toy.HELD_OUT_COUNTS)
+    assert len(numberless) == 9
     # every seen prompt of the small tasks is a training caption
     small = [p for p in prompts if not p["held_out"] and p["tag"] != "color_attr"]
     assert {p["prompt"] for p in small} <= captions

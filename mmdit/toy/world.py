@@ -8,10 +8,12 @@ image analysis can judge it (mmdit.toy.detector), so it gives a quality signal o
 
 Held out of training, so generalisation can be measured (HELD_OUT_*), each one attribute away from what is trained:
 six colour-shape pairs are never named in a caption (a purple triangle is drawn only in scenes whose captions name
-no colour: two objects, counting, position; the picture is known, the words "purple triangle" are not); three
-count-shape combinations are never drawn; four position phrasings and two two-object orderings never appear as
-captions (the same layouts do, phrased the other way round); and a lone shape is always captioned with its colour,
-so the bare "a photo of a circle" is never a training caption.
+no colour: two objects, counting, position; the picture is known, the words "purple triangle" are not), nor are
+their words split over a colour-attribution caption's two objects ("a purple square and a red triangle" would teach
+that purple never goes on the triangle); three count-shape combinations are never named (two squares are drawn
+only under the numberless "a photo of squares"); four position phrasings and two two-object orderings never appear
+as captions (the same layouts do, phrased the other way round); and a lone shape is always captioned with its
+colour, so the bare "a photo of a circle" is never a training caption.
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ HELD_OUT_COUNTS = {(3, "triangle"), (4, "circle"), (2, "square")}
 HELD_OUT_POSITIONS = {("circle", "left of", "square"), ("triangle", "above", "circle"),
                       ("square", "below", "triangle"), ("triangle", "right of", "square")}
 HELD_OUT_PAIRS = {("triangle", "circle"), ("square", "triangle")}   # "a photo of a triangle and a circle"
-TASK_WEIGHTS = {"colors": 0.2, "two_object": 0.15, "counting": 0.2, "position": 0.2, "color_attr": 0.25}
+TASK_WEIGHTS = {"colors": 0.2, "two_object": 0.15, "counting": 0.25, "position": 0.15, "color_attr": 0.25}
+# The share of counting scenes captioned without their number ("a photo of squares"), every count and shape alike,
+# so that a held-out count can be drawn without the numberless caption coming to mean "a held-out count".
+NUMBERLESS = 0.25
 # Raised whenever one seed draws other pictures or captions than before, so that images and shards of an earlier
-# world are refused rather than trained on (2: held-out colour-shape pairs drawn, unnamed, in colour-free scenes).
-VERSION = 2
+# world are refused rather than trained on (2: held-out colour-shape pairs drawn, unnamed, in colour-free scenes;
+# 3: their words never split over a colour-attribution caption, held-out counts drawn under numberless captions).
+VERSION = 3
 STAMP = "toy_world.json"   # {"version": VERSION} in every folder of the world's images and shards
 
 
@@ -93,6 +99,13 @@ def nameable_colors(shape: str) -> list[str]:
     return [c for c in COLORS if (c, shape) not in HELD_OUT_COLORS]
 
 
+def splits_held_out_pair(pairs) -> bool:
+    """Whether a colour attribution's two (colour, shape) pairs give a held-out pair's colour to one object and its
+    shape to the other: such captions taught world 2's model to swap the colours of prompts naming held-out pairs."""
+    (ca, a), (cb, b) = pairs
+    return (ca, b) in HELD_OUT_COLORS or (cb, a) in HELD_OUT_COLORS
+
+
 def _place(rng, objects, shape, color, side, near=None, relation=None, tries=200):
     """A new object that overlaps nothing (a gap of side / 12); with near/relation, placed clearly in that
     relation."""
@@ -132,9 +145,12 @@ def sample_scene(rng: np.random.Generator, task: str, side: int = SIDE):
             specs = [(a, ca, None, None), (b, cb, None, None)]
         elif task == "counting":
             n = int(rng.integers(2, 5))
-            if (n, a) in HELD_OUT_COUNTS:
+            if rng.random() < NUMBERLESS:
+                caption, meta = f"a photo of {a}s", prompt_metadata("numberless", [(a, n, None)])
+            elif (n, a) in HELD_OUT_COUNTS:
                 continue
-            caption, meta = f"a photo of {NUMBERS[n]} {a}s", prompt_metadata("counting", [(a, n, None)])
+            else:
+                caption, meta = f"a photo of {NUMBERS[n]} {a}s", prompt_metadata("counting", [(a, n, None)])
             specs = [(a, rng.choice(COLORS), None, None) for _ in range(n)]
         elif task == "position":
             relation = RELATIONS[int(rng.integers(4))]
@@ -144,6 +160,8 @@ def sample_scene(rng: np.random.Generator, task: str, side: int = SIDE):
             meta = prompt_metadata("position", [(b, 1, None), (a, 1, None)], relation=relation)
             specs = [(b, cb, None, None), (a, ca, 0, relation)]
         elif task == "color_attr":
+            if splits_held_out_pair([(ca, a), (cb, b)]):
+                continue
             caption = f"a photo of a {ca} {a} and a {cb} {b}"
             meta = prompt_metadata("color_attr", [(a, 1, ca), (b, 1, cb)])
             specs = [(a, ca, None, None), (b, cb, None, None)]
@@ -161,7 +179,8 @@ def sample_scene(rng: np.random.Generator, task: str, side: int = SIDE):
 
 def prompt_metadata(tag: str, clauses: list[tuple], relation: str | None = None, held_out: bool | None = None):
     """GenEval's metadata for a prompt: clauses are (shape, count, colour or None); with a relation the second
-    clause is positioned relative to the first. Counting prompts exclude count + 1 ("exactly n")."""
+    clause is positioned relative to the first. Counting prompts exclude count + 1 ("exactly n"). The tag
+    "numberless" (not a GenEval task) is a counting scene whose caption names no number."""
     include = []
     for i, (shape, count, color) in enumerate(clauses):
         clause = {"class": shape, "count": count}
@@ -189,26 +208,31 @@ def caption_of(meta: dict) -> str:
         return f"a photo of a {clauses[0]['class']} and a {clauses[1]['class']}"
     if tag == "counting":
         return f"a photo of {NUMBERS[clauses[0]['count']]} {clauses[0]['class']}s"
+    if tag == "numberless":
+        return f"a photo of {clauses[0]['class']}s"
     if tag == "position":
         return f"a photo of a {clauses[1]['class']} {clauses[1]['position'][0]} a {clauses[0]['class']}"
     if tag == "color_attr":
         (a, b) = clauses
         return f"a photo of a {a['color']} {a['class']} and a {b['color']} {b['class']}"
-    raise ValueError(f"unknown toy task {tag!r}; known: single_object, {', '.join(TASK_WEIGHTS)}")
+    raise ValueError(f"unknown toy task {tag!r}; known: single_object, numberless, {', '.join(TASK_WEIGHTS)}")
 
 
 def is_held_out(meta: dict) -> bool:
-    """Whether a prompt's combination or phrasing is held out of training (HELD_OUT_*)."""
+    """Whether a prompt's combination or phrasing is held out of training (HELD_OUT_*): never a training caption."""
     tag, clauses = meta["tag"], meta["include"]
     if tag == "single_object":
         return True
+    if tag == "numberless":
+        return False
     if tag == "two_object":
         return (clauses[0]["class"], clauses[1]["class"]) in HELD_OUT_PAIRS
     if tag == "counting":
         return (clauses[0]["count"], clauses[0]["class"]) in HELD_OUT_COUNTS
     if tag == "position":
         return (clauses[1]["class"], clauses[1]["position"][0], clauses[0]["class"]) in HELD_OUT_POSITIONS
-    return any((c.get("color"), c["class"]) in HELD_OUT_COLORS for c in clauses)
+    pairs = [(c.get("color"), c["class"]) for c in clauses]
+    return any(p in HELD_OUT_COLORS for p in pairs) or (tag == "color_attr" and splits_held_out_pair(pairs))
 
 
 def near_miss(meta: dict, rng: np.random.Generator, tries: int = 20) -> dict | None:
@@ -222,6 +246,8 @@ def near_miss(meta: dict, rng: np.random.Generator, tries: int = 20) -> dict | N
             clauses[0]["color"] = str(rng.choice([c for c in COLORS if c != clauses[0]["color"]]))
         elif tag == "counting":
             clauses[0]["count"] = int(rng.choice([n for n in NUMBERS if n != clauses[0]["count"]]))
+        elif tag == "numberless":
+            clauses[0]["class"] = str(rng.choice([s for s in SHAPES if s != clauses[0]["class"]]))
         elif tag == "two_object":
             k = int(rng.integers(2))
             clauses[k]["class"] = next(s for s in SHAPES if s not in (clauses[0]["class"], clauses[1]["class"]))
@@ -272,10 +298,14 @@ def evaluation_prompts() -> list[dict]:
     rng = np.random.default_rng(0)
     combos = [(ca, a, cb, b) for a, b in itertools.permutations(SHAPES, 2) for ca in COLORS for cb in COLORS]
     held = [x for x in combos if (x[0], x[1]) in HELD_OUT_COLORS or (x[2], x[3]) in HELD_OUT_COLORS]
-    seen = [x for x in combos if x not in held]
-    for group, flag in ((held, True), (seen, False)):
-        for i in rng.choice(len(group), 12, replace=False):
-            ca, a, cb, b = group[i]
+    rest = [x for x in combos if x not in held]
+    chosen_held = [held[i] for i in rng.choice(len(held), 12, replace=False)]
+    # World 2's sample, kept where it is still a training caption: a held-out pair split over the two objects has
+    # not been one since world 3 (and names no held-out pair, so it is in neither set); later draws replace those.
+    draws = [rest[i] for i in rng.choice(len(rest), 12, replace=False)] + [rest[i] for i in rng.permutation(len(rest))]
+    chosen_seen = [x for x in dict.fromkeys(draws) if not splits_held_out_pair([x[:2], x[2:]])][:12]
+    for group, flag in ((chosen_held, True), (chosen_seen, False)):
+        for ca, a, cb, b in group:
             add(f"a photo of a {ca} {a} and a {cb} {b}",
                 prompt_metadata("color_attr", [(a, 1, ca), (b, 1, cb)], held_out=flag))
     return out
