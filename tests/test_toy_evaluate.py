@@ -135,3 +135,47 @@ def test_drawn_table_reads_what_each_held_out_prompt_drew(tmp_path, relation, ci
     assert f"| {prompt} | 1/3 | brown circle + green triangle (2); brown triangle + green circle (1) |" in table
     assert f"| a photo of a circle {relation} a square | 0/3 | nothing (3); layout as asked 1, reversed 2 |" in table
     assert "red square" not in table
+
+
+def fake_run(tmp_path):
+    """A run folder as train.py leaves it, enough for mmdit.toy.evaluate to find its export and components."""
+    run, components = tmp_path / "run", tmp_path / "components"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "ema.safetensors").write_bytes(b"")
+    components.mkdir()
+    (components / "model_index.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"train": {"sample_model": str(components), "steps": 10},
+                                                 "data": {"batch_size": 4}, "optim": {"grad_accum": 1}}))
+    return run
+
+
+def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkeypatch):
+    """--cfg samples at that guidance and writes beside, not over, the default's images and curve."""
+    from mmdit.toy import evaluate
+
+    run, calls = fake_run(tmp_path), []
+
+    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28):
+        calls.append((outdir.name, cfg))
+        outdir.mkdir(parents=True)
+        (outdir / "results.jsonl").write_text("")
+        return evaluate.attribute_scores([])
+
+    monkeypatch.setattr(evaluate, "score_weights", fake_score)
+    evaluate.main([str(run), "--only-export", "--cfg", "3"])
+    evaluate.main([str(run), "--only-export", "--no-t5", "--cfg", str(evaluate.TOY_CFG)])
+    assert calls == [("t5_cfg3_step_00000010", 3.0), ("no_t5_step_00000010", evaluate.TOY_CFG)]
+    assert (run / "eval" / "curve_t5_cfg3.md").is_file() and (run / "eval" / "drawn_t5_cfg3.md").is_file()
+    assert not (run / "eval" / "curve_t5.md").exists()
+
+
+@pytest.mark.parametrize("cfg", ["nan", "-1", "101", "inf"])
+def test_evaluate_refuses_a_guidance_out_of_range(tmp_path, capsys, cfg):
+    from mmdit.toy import evaluate
+
+    run = fake_run(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), "--only-export", "--cfg", cfg])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--cfg must be a finite number in [0, 100]" in err and len(err.splitlines()) == 1
+    assert not (run / "eval").exists()

@@ -3,6 +3,7 @@ apart, as a table and a learning curve (score against samples seen).
 
     python3 -m mmdit.toy.evaluate runs/toy --samples-per-prompt 16        # every checkpoint, then the export
     python3 -m mmdit.toy.evaluate runs/toy --only-export --no-t5
+    python3 -m mmdit.toy.evaluate runs/toy --only-export --cfg 3          # another guidance scale, its own files
 
 Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with the
 sampling defaults of the bundled model (28 Euler steps, CFG 2), and the toy detector judges it. Per attribute:
@@ -15,11 +16,14 @@ objects' colours and shapes), most common first, which tells a wrong colour from
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 from mmdit.cli import Parser, fail
+from mmdit.config import MAX_GUIDANCE
+from mmdit.toy.components import TOY_CFG
 
 TASKS_BY_ATTRIBUTE = {"shape": ("single_object", "two_object"), "colour": ("colors",), "count": ("counting",),
                       "position": ("position",), "binding": ("color_attr",)}
@@ -48,9 +52,7 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     from mmdit.config import Settings
     from mmdit.eval.geneval import generate, score
     from mmdit.pipeline import SD3Pipeline
-    from mmdit.toy.components import TOY_CFG
     from mmdit.toy.detector import ToyDetector
-
     from mmdit.toy.world import evaluation_prompts
 
     prompts = outdir.with_name("toy_geneval.jsonl")   # the same prompts as data/toy_geneval.jsonl (tested)
@@ -174,12 +176,16 @@ def main(argv=None):
     p.add_argument("--only-export", action="store_true", help="score export/ema.safetensors only")
     p.add_argument("--steps", type=int, nargs="*", default=None, help="only the checkpoints of these steps (and "
                    "the export; default: every checkpoint)")
+    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the toy "
+                   f"pipelines' {TOY_CFG:g}); another one writes its own files, e.g. eval/curve_t5_cfg3.md")
     args = p.parse_args(argv)
     run = Path(args.run)
     if not (run / "config.json").is_file():
         fail(p.prog, f"{run} is not a training run (no config.json)")
     if args.samples_per_prompt < 1:
         fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_GUIDANCE):
+        fail(p.prog, f"--cfg must be a finite number in [0, {MAX_GUIDANCE}], got {args.cfg}")
     recipe = json.loads((run / "config.json").read_text())
     if not (Path(recipe["train"]["sample_model"] or "") / "model_index.json").is_file():
         fail(p.prog, f"{run}'s train.sample_model {recipe['train']['sample_model']!r} is no pipeline directory: the "
@@ -196,13 +202,15 @@ def main(argv=None):
         fail(p.prog, f"{run} has no checkpoint or export to score (steps asked: {args.steps})")
     rows, seen_steps = [], set()
     tag = "no_t5" if args.no_t5 else "t5"
+    if args.cfg is not None and args.cfg != TOY_CFG:
+        tag += f"_cfg{args.cfg:g}"
     for step, weights in targets:
         if step in seen_steps:
             continue
         seen_steps.add(step)
         try:
             scores = score_weights(weights, components, run / "eval" / f"{tag}_step_{step:08d}",
-                                   args.samples_per_prompt, args.no_t5)
+                                   args.samples_per_prompt, args.no_t5, cfg=args.cfg)
         except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
             fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         rows.append({"step": step, "samples": step * batch, **scores})
