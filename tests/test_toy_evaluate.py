@@ -167,6 +167,35 @@ def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkey
     assert calls == [("t5_cfg3_step_00000010", 3.0), ("no_t5_step_00000010", evaluate.TOY_CFG)]
     assert (run / "eval" / "curve_t5_cfg3.md").is_file() and (run / "eval" / "drawn_t5_cfg3.md").is_file()
     assert not (run / "eval" / "curve_t5.md").exists()
+    assert json.loads((run / "eval" / "curve_t5_cfg3.json").read_text())[0]["cfg"] == 3.0
+
+
+@pytest.mark.parametrize("cfg, expected", [(None, 2.0), (3.5, 3.5)])
+def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg, expected):
+    """The scale given reaches the sampler's settings; none given is the toy pipelines' guidance."""
+    import types
+
+    import mmdit.checkpoint
+    import mmdit.eval.geneval
+    import mmdit.pipeline
+    from mmdit.toy import evaluate
+
+    used = []
+    pipe = types.SimpleNamespace(shift=1.0, default_side=64)
+    monkeypatch.setattr(mmdit.pipeline.SD3Pipeline, "load", classmethod(lambda cls, path, no_t5=False: pipe))
+    monkeypatch.setattr(mmdit.checkpoint, "load_mmdit", lambda weights: torch.nn.Identity())
+    monkeypatch.setattr(evaluate, "made_with", lambda *args: {})
+    monkeypatch.setattr(mmdit.eval.geneval, "generate",
+                        lambda prompts, outdir, p, settings, **kw: used.append(settings))
+
+    def fake_score(outdir, detector, results):
+        results.write_text("")
+        return results
+
+    monkeypatch.setattr(mmdit.eval.geneval, "score", fake_score)
+    (tmp_path / "out").mkdir()
+    evaluate.score_weights(tmp_path / "w.safetensors", tmp_path, tmp_path / "out", 1, False, cfg=cfg)
+    assert [s.cfg for s in used] == [expected] and evaluate.TOY_CFG == 2.0
 
 
 @pytest.mark.parametrize("cfg", ["nan", "-1", "101", "inf"])

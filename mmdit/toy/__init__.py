@@ -13,3 +13,4 @@ pipeline trains on it on a CPU and plain image analysis judges it.
 from pathlib import Path
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "toy_pipeline"   # the trained toy pipeline, shipped
+TOY_CFG = 2.0   # the toy pipelines' guidance: SD3's 7 darkens their colours and tints their background

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from mmdit.testing import tiny_components
+from mmdit.toy import TOY_CFG
+
 
 def toy_vae(side: int = 64):
     """SD3's VAE design (16 latent channels, 4 levels: 8x down) at toy widths, before training; side: the image
@@ -136,7 +138,6 @@ def mend_decoder(vae, images, steps: int, seed: int = 0, compute_dtype: torch.dt
 # an image token, so no more.
 TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 13, 12
 TOY_SHIFT = 1.0   # sampling shift: the paper's shift is 1 at 256^2 and grows with resolution; toy images are 64^2
-TOY_CFG = 2.0     # guidance: SD3's 7 darkens the toy models' colours and tints their background
 
 
 def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae_steps: int, tower_steps: int,

@@ -6,11 +6,12 @@ apart, as a table and a learning curve (score against samples seen).
     python3 -m mmdit.toy.evaluate runs/toy --only-export --cfg 3          # another guidance scale, its own files
 
 Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with the
-sampling defaults of the bundled model (28 Euler steps, CFG 2), and the toy detector judges it. Per attribute:
-shape = single and two objects, colour = colours, count = counting, position = position, binding = colour
-attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curve_no_t5.* with --no-t5), and
-RUN/eval/drawn_t5.md: for each held-out prompt of the last model scored, what the detector read in its images (the
-objects' colours and shapes), most common first, which tells a wrong colour from a swapped one.
+sampling defaults of the bundled model (28 Euler steps, CFG 2; --cfg another scale), and the toy detector judges
+it. Per attribute: shape = single and two objects, colour = colours, count = counting, position = position,
+binding = colour attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curve_no_t5.* with
+--no-t5; with --cfg 3, curve_t5_cfg3.* and the like), and RUN/eval/drawn_t5.md: for each held-out prompt of
+the last model scored, what the detector read in its images (the objects' colours and shapes), most common first,
+which tells a wrong colour from a swapped one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from mmdit.cli import Parser, fail
 from mmdit.config import MAX_GUIDANCE
-from mmdit.toy.components import TOY_CFG
+from mmdit.toy import TOY_CFG
 
 TASKS_BY_ATTRIBUTE = {"shape": ("single_object", "two_object"), "colour": ("colors",), "count": ("counting",),
                       "position": ("position",), "binding": ("color_attr",)}
@@ -213,7 +214,8 @@ def main(argv=None):
                                    args.samples_per_prompt, args.no_t5, cfg=args.cfg)
         except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
             fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        rows.append({"step": step, "samples": step * batch, **scores})
+        cfg = TOY_CFG if args.cfg is None else args.cfg
+        rows.append({"step": step, "samples": step * batch, "cfg": cfg, **scores})
         print(json.dumps(rows[-1]), file=sys.stderr)
     out = run / "eval"
     out.mkdir(exist_ok=True)
