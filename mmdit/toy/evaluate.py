@@ -202,19 +202,17 @@ def main(argv=None):
     if not targets:
         fail(p.prog, f"{run} has no checkpoint or export to score (steps asked: {args.steps})")
     rows, seen_steps = [], set()
-    tag = "no_t5" if args.no_t5 else "t5"
-    if args.cfg is not None and args.cfg != TOY_CFG:
-        tag += f"_cfg{args.cfg:g}"
+    cfg = TOY_CFG if args.cfg is None else args.cfg
+    tag = ("no_t5" if args.no_t5 else "t5") + ("" if cfg == TOY_CFG else f"_cfg{cfg:g}")
     for step, weights in targets:
         if step in seen_steps:
             continue
         seen_steps.add(step)
         try:
             scores = score_weights(weights, components, run / "eval" / f"{tag}_step_{step:08d}",
-                                   args.samples_per_prompt, args.no_t5, cfg=args.cfg)
+                                   args.samples_per_prompt, args.no_t5, cfg=cfg)
         except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
             fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        cfg = TOY_CFG if args.cfg is None else args.cfg
         rows.append({"step": step, "samples": step * batch, "cfg": cfg, **scores})
         print(json.dumps(rows[-1]), file=sys.stderr)
     out = run / "eval"
