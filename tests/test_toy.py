@@ -41,6 +41,17 @@ def test_dataset_is_deterministic_in_img2dataset_layout(tmp_path):
     assert names[:3] == ["000000040.png", "000000040.txt", "000000040.json"] and len(names) == 30
 
 
+def test_a_short_last_shard_is_written_again_in_full(tmp_path):
+    """Asking an existing folder for more samples completes the shard that was the last of the smaller set (and
+    rewrites a truncated one), so the folder holds what a fresh write of the larger set holds."""
+    toy.write_dataset(tmp_path / "grown", 15, per_shard=10)
+    (tmp_path / "grown" / "00000.tar").write_bytes(b"not a tar")       # a shard cut short by a crash
+    grown = toy.write_dataset(tmp_path / "grown", 30, per_shard=10)
+    fresh = toy.write_dataset(tmp_path / "fresh", 30, per_shard=10)
+    assert [toy.shard_samples(p) for p in grown] == [10, 10, 10]
+    assert [p.read_bytes() for p in grown] == [p.read_bytes() for p in fresh]
+
+
 def test_images_of_an_earlier_world_are_refused(tmp_path):
     toy.write_dataset(tmp_path, 10, per_shard=10)
     assert json.loads((tmp_path / toy.STAMP).read_text()) == {"version": toy.VERSION}

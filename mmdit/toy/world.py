@@ -353,7 +353,8 @@ def write_dataset(out, num_samples: int, seed: int = 0, per_shard: int = 1000, p
     """out/NNNNN.tar of KEY.png, KEY.txt (the caption) and KEY.json (caption, task, objects), as img2dataset
     writes; shard k depends only on (seed, k), and tar headers carry no time or owner, so the bytes are
     reproducible. Each shard is written under a temporary name and renamed; existing shards are kept when the
-    folder's stamp says this version of the world wrote them, else refused (ValueError)."""
+    folder's stamp says this version of the world wrote them and they hold the samples asked of them, else refused
+    (ValueError). A shard written as the last of a smaller set is short: it is written again in full."""
     from PIL import Image
 
     out = Path(out)
@@ -367,14 +368,15 @@ def write_dataset(out, num_samples: int, seed: int = 0, per_shard: int = 1000, p
     for k, start in enumerate(range(0, num_samples, per_shard)):
         path = out / f"{k:05d}.tar"
         paths.append(path)
-        if path.is_file():
+        count = min(per_shard, num_samples - start)
+        if path.is_file() and shard_samples(path) == count:
             if progress:
-                progress(min(per_shard, num_samples - start))
+                progress(count)
             continue
         rng = np.random.default_rng([seed, k])
         tmp = path.with_name(f".{path.name}.tmp")
         with tarfile.open(tmp, "w") as tar:
-            for i in range(start, min(start + per_shard, num_samples)):
+            for i in range(start, start + count):
                 task = tasks[rng.choice(len(tasks), p=weights / weights.sum())]
                 objects, caption, meta = sample_scene(rng, task)
                 png = io.BytesIO()
@@ -388,8 +390,18 @@ def write_dataset(out, num_samples: int, seed: int = 0, per_shard: int = 1000, p
                     tar.addfile(info, io.BytesIO(data))
         os.replace(tmp, path)
         if progress:
-            progress(min(per_shard, num_samples - start))
+            progress(count)
     return paths
+
+
+def shard_samples(path: Path) -> int | None:
+    """How many samples (png, txt and json) a shard of the world's images holds; None if it cannot be read."""
+    try:
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+    except (tarfile.TarError, OSError):
+        return None
+    return len(names) // 3 if len(names) % 3 == 0 else None
 
 
 def read_dataset(paths):
