@@ -208,3 +208,32 @@ def test_evaluate_refuses_a_guidance_out_of_range(tmp_path, capsys, cfg):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "--cfg must be a finite number in [0, 100]" in err and len(err.splitlines()) == 1
     assert not (run / "eval").exists()
+
+
+def test_evaluate_scores_a_pipeline_into_the_folder_given(tmp_path, monkeypatch, capsys):
+    """A pipeline directory (the bundled model's layout) is scored with its own MM-DiT and components into --out,
+    never inside it; without --out, or with a folder that is neither a run nor a pipeline, one line and exit 2."""
+    from mmdit.toy import evaluate
+
+    pipeline, calls = tmp_path / "pipeline", []
+    (pipeline / "transformer").mkdir(parents=True)
+    (pipeline / "model_index.json").write_text("{}")
+
+    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28):
+        calls.append((weights, components, outdir))
+        outdir.mkdir(parents=True)
+        (outdir / "results.jsonl").write_text("")
+        return evaluate.attribute_scores([])
+
+    monkeypatch.setattr(evaluate, "score_weights", fake_score)
+    for argv, message in (([str(pipeline)], "is a pipeline: give --out DIR"),
+                          ([str(tmp_path)], "is neither a training run (config.json) nor a pipeline")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert calls == []
+    evaluate.main([str(pipeline), "--out", str(tmp_path / "scores")])
+    assert calls == [(pipeline / "transformer", pipeline, tmp_path / "scores" / "t5_step_00000000")]
+    assert (tmp_path / "scores" / "curve_t5.md").is_file() and (tmp_path / "scores" / "drawn_t5.md").is_file()
+    assert sorted(p.name for p in pipeline.iterdir()) == ["model_index.json", "transformer"]

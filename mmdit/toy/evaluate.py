@@ -4,6 +4,7 @@ apart, as a table and a learning curve (score against samples seen).
     python3 -m mmdit.toy.evaluate runs/toy --samples-per-prompt 16        # every checkpoint, then the export
     python3 -m mmdit.toy.evaluate runs/toy --only-export --no-t5
     python3 -m mmdit.toy.evaluate runs/toy --only-export --cfg 3          # another guidance scale, its own files
+    python3 -m mmdit.toy.evaluate mmdit/toy_pipeline --out eval/bundled    # a pipeline: its own MM-DiT and components
 
 Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with the
 sampling defaults of the bundled model (28 Euler steps, CFG 2; --cfg another scale), and the toy detector judges
@@ -169,28 +170,13 @@ def curve_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = Parser(prog="python3 -m mmdit.toy.evaluate", description=__doc__)
-    p.add_argument("run", help="a training run's folder (train.out_dir)")
-    p.add_argument("--samples-per-prompt", type=int, default=16, help="images per prompt")
-    p.add_argument("--no-t5", action="store_true", help="sample without T5, as sample.py --no-t5")
-    p.add_argument("--only-export", action="store_true", help="score export/ema.safetensors only")
-    p.add_argument("--steps", type=int, nargs="*", default=None, help="only the checkpoints of these steps (and "
-                   "the export; default: every checkpoint)")
-    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the toy "
-                   f"pipelines' {TOY_CFG:g}); another one writes its own files, e.g. eval/curve_t5_cfg3.md")
-    args = p.parse_args(argv)
-    run = Path(args.run)
-    if not (run / "config.json").is_file():
-        fail(p.prog, f"{run} is not a training run (no config.json)")
-    if args.samples_per_prompt < 1:
-        fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
-    if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_GUIDANCE):
-        fail(p.prog, f"--cfg must be a finite number in [0, {MAX_GUIDANCE}], got {args.cfg}")
+def run_targets(prog: str, run: Path, args) -> tuple[Path, Path, int, list[tuple[int, Path]]]:
+    """A training run's components (train.sample_model), eval folder, samples per step, and the (step, EMA
+    weights) to score: its checkpoints (all, or those of --steps) and its export."""
     recipe = json.loads((run / "config.json").read_text())
     if not (Path(recipe["train"]["sample_model"] or "") / "model_index.json").is_file():
-        fail(p.prog, f"{run}'s train.sample_model {recipe['train']['sample_model']!r} is no pipeline directory: the "
-                     f"components to sample with")
+        fail(prog, f"{run}'s train.sample_model {recipe['train']['sample_model']!r} is no pipeline directory: the "
+                   f"components to sample with")
     components = Path(recipe["train"]["sample_model"] or "")
     world_size = json.loads((run / "run.json").read_text())["world_size"] if (run / "run.json").is_file() else 1
     batch = recipe["data"]["batch_size"] * recipe["optim"]["grad_accum"] * world_size   # samples per step
@@ -200,7 +186,38 @@ def main(argv=None):
     if (run / "export" / "ema.safetensors").is_file():
         targets.append((recipe["train"]["steps"], run / "export" / "ema.safetensors"))
     if not targets:
-        fail(p.prog, f"{run} has no checkpoint or export to score (steps asked: {args.steps})")
+        fail(prog, f"{run} has no checkpoint or export to score (steps asked: {args.steps})")
+    return components, Path(args.out) if args.out else run / "eval", batch, targets
+
+
+def main(argv=None):
+    p = Parser(prog="python3 -m mmdit.toy.evaluate", description=__doc__)
+    p.add_argument("run", help="a training run's folder (train.out_dir), or a toy pipeline directory (its own MM-DiT "
+                   "in its own components; give --out)")
+    p.add_argument("--out", default=None, help="where the images and tables go (default: RUN/eval; a pipeline "
+                   "needs one)")
+    p.add_argument("--samples-per-prompt", type=int, default=16, help="images per prompt")
+    p.add_argument("--no-t5", action="store_true", help="sample without T5, as sample.py --no-t5")
+    p.add_argument("--only-export", action="store_true", help="score export/ema.safetensors only")
+    p.add_argument("--steps", type=int, nargs="*", default=None, help="only the checkpoints of these steps (and "
+                   "the export; default: every checkpoint)")
+    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the toy "
+                   f"pipelines' {TOY_CFG:g}); another one writes its own files, e.g. eval/curve_t5_cfg3.md")
+    args = p.parse_args(argv)
+    run = Path(args.run)
+    if args.samples_per_prompt < 1:
+        fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_GUIDANCE):
+        fail(p.prog, f"--cfg must be a finite number in [0, {MAX_GUIDANCE}], got {args.cfg}")
+    if (run / "model_index.json").is_file():   # a pipeline: one model, no checkpoints, no steps
+        if args.out is None:
+            fail(p.prog, f"{run} is a pipeline: give --out DIR for its images and tables (none go inside it)")
+        components, out, batch = run, Path(args.out), 0
+        targets = [(0, run / "transformer")]
+    elif (run / "config.json").is_file():
+        components, out, batch, targets = run_targets(p.prog, run, args)
+    else:
+        fail(p.prog, f"{run} is neither a training run (config.json) nor a pipeline (model_index.json)")
     rows, seen_steps = [], set()
     cfg = TOY_CFG if args.cfg is None else args.cfg
     tag = ("no_t5" if args.no_t5 else "t5") + ("" if cfg == TOY_CFG else f"_cfg{cfg:g}")
@@ -209,20 +226,19 @@ def main(argv=None):
             continue
         seen_steps.add(step)
         try:
-            scores = score_weights(weights, components, run / "eval" / f"{tag}_step_{step:08d}",
+            scores = score_weights(weights, components, out / f"{tag}_step_{step:08d}",
                                    args.samples_per_prompt, args.no_t5, cfg=cfg)
         except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
             fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         rows.append({"step": step, "samples": step * batch, "cfg": cfg, **scores})
         print(json.dumps(rows[-1]), file=sys.stderr)
-    out = run / "eval"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"curve_{tag}.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / f"curve_{tag}.md").write_text(curve_table(rows) + "\n")
     plot_curve(rows, out / f"curve_{tag}.png")
     from mmdit.toy.detector import ToyDetector
 
-    last = run / "eval" / f"{tag}_step_{rows[-1]['step']:08d}" / "results.jsonl"
+    last = out / f"{tag}_step_{rows[-1]['step']:08d}" / "results.jsonl"
     results = [json.loads(line) for line in last.read_text().splitlines()]
     (out / f"drawn_{tag}.md").write_text(drawn_table(results, ToyDetector()) + "\n")
     print(curve_table(rows))
