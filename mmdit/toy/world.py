@@ -51,8 +51,9 @@ HELD_OUT_POSITIONS = {("circle", "left of", "square"), ("triangle", "above", "ci
                       ("square", "below", "triangle"), ("triangle", "right of", "square")}
 HELD_OUT_PAIRS = {("triangle", "circle"), ("square", "triangle")}   # "a photo of a triangle and a circle"
 TASK_WEIGHTS = {"colors": 0.2, "two_object": 0.15, "counting": 0.25, "position": 0.15, "color_attr": 0.25}
-# The share of counting scenes captioned without their number ("a photo of squares"), every count and shape alike,
-# so that a held-out count can be drawn without the numberless caption coming to mean "a held-out count".
+# The chance that a counting scene is captioned without its number ("a photo of squares"), every count and shape
+# alike, so that a held-out count can be drawn without the numberless caption coming to mean "a held-out count".
+# Numbered scenes of a held-out count are drawn again, so about a third of the counting scenes kept are numberless.
 NUMBERLESS = 0.25
 # Raised whenever one seed draws other pictures or captions than before, so that images and shards of an earlier
 # world are refused rather than trained on (2: held-out colour-shape pairs drawn, unnamed, in colour-free scenes;
