@@ -354,8 +354,9 @@ def write_dataset(out, num_samples: int, seed: int = 0, per_shard: int = 1000, p
     """out/NNNNN.tar of KEY.png, KEY.txt (the caption) and KEY.json (caption, task, objects), as img2dataset
     writes; shard k depends only on (seed, k), and tar headers carry no time or owner, so the bytes are
     reproducible. Each shard is written under a temporary name and renamed; existing shards are kept when the
-    folder's stamp says this version of the world wrote them and they hold the samples asked of them, else refused
-    (ValueError). A shard written as the last of a smaller set is short: it is written again in full."""
+    folder's stamp says this version of the world wrote them (another version's folder is refused: ValueError) and
+    they hold the samples asked of them; one that does not (the short last shard of a smaller set, or one cut short)
+    is written again in full."""
     from PIL import Image
 
     out = Path(out)
