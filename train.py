@@ -434,6 +434,8 @@ def set_up_processes(cfg, resume) -> Processes:
         engine, deepspeed_file = choose_engine(cfg.train.deepspeed, world, os.environ)
     except ValueError as e:
         fail(str(e))
+    if engine == "deepspeed" and cfg.optim.optimizer != "adamw":
+        fail(f"optim.optimizer {cfg.optim.optimizer}: DeepSpeed steps its own AdamW; accepted with DeepSpeed: adamw")
     # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
     # a resumed run keeps the precision its checkpoint recorded, so the rest of the run computes as the start did
     recorded = torch.load(resume / "state_rank0.pt", weights_only=True).get("precision") if resume else None
@@ -511,6 +513,7 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
     from mmdit.loader import DataPosition, ReadTally
     from mmdit.lora import add_lora, load_lora_state, lora_twin
     from mmdit.model import MMDiT
+    from mmdit.optim import build_optimizer
 
     torch.manual_seed(cfg.train.seed)
     spec = cfg.model.lora_spec()
@@ -530,9 +533,9 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
         ema = MMDiT(model.config).to(procs.device).requires_grad_(False)  # fp32 whatever the training precision
         ema.load_state_dict(model.state_dict())
     # The fused kernel (CPU and CUDA) is much faster than the per-tensor loop; DeepSpeed keeps its own step path.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
-                                  fused=not procs.deepspeed)
+    optimizer = build_optimizer(cfg.optim.optimizer, [(n, p) for n, p in model.named_parameters() if p.requires_grad],
+                                lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+                                eps=cfg.optim.eps, fused=not procs.deepspeed)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + procs.rank)
     if resume is not None:
         problem = lora_resume_problem(cfg, resume)

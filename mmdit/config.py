@@ -183,6 +183,7 @@ TIMESTEP_SAMPLERS = ("uniform", "lognorm", "mode", "cosmap")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 SAMPLERS = ("euler", "heun", "dpmpp_2m")
 PRECISIONS = ("auto", "bf16", "fp32")   # auto: bf16 where it is faster here (mmdit.precision)
+OPTIMIZERS = ("adamw", "muon")   # muon: Muon on the blocks' matrices, AdamW on the rest (mmdit.optim)
 SHARD_DTYPES = ("float16", "bfloat16")   # how shards store tensors (mmdit.shards)
 
 
@@ -324,6 +325,7 @@ class OptimSection:
                                          # shorter than N decays all along): warmup-stable-decay
     grad_clip: float = 1.0
     grad_accum: int = 1
+    optimizer: str = "adamw"             # adamw | muon (Muon on the blocks' matrices, AdamW on the rest)
 
 
 @dataclass(frozen=True)
@@ -450,9 +452,12 @@ def config_from_dict(d: dict) -> Config:
     config.model.build_config()  # a bad preset or model override fails here, before any compute
     if config.model.lora_spec() is not None and not config.model.init_from:
         raise ValueError("model.lora adapts a trained model: give model.init_from (a checkpoint, e.g. SD3.5's)")
+    if config.model.lora_spec() is not None and config.optim.optimizer != "adamw":
+        raise ValueError(f"optim.optimizer {config.optim.optimizer} trains whole matrices: LoRA runs take adamw")
     choices = [("flow.timestep_sampling", config.flow.timestep_sampling, TIMESTEP_SAMPLERS),
                ("flow.loss_weighting", config.flow.loss_weighting, LOSS_WEIGHTINGS),
-               ("train.precision", config.train.precision, PRECISIONS)]
+               ("train.precision", config.train.precision, PRECISIONS),
+               ("optim.optimizer", config.optim.optimizer, OPTIMIZERS)]
     for where, value, accepted in choices:
         if value not in accepted:
             raise ValueError(f"{where} {value!r} is not one of {', '.join(accepted)}")

@@ -155,7 +155,7 @@ def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkey
 
     run, calls = fake_run(tmp_path), []
 
-    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28):
+    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28, device="cpu"):
         calls.append((outdir.name, cfg))
         outdir.mkdir(parents=True)
         (outdir / "results.jsonl").write_text("")
@@ -182,7 +182,8 @@ def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg,
 
     used = []
     pipe = types.SimpleNamespace(shift=1.0, default_side=64)
-    monkeypatch.setattr(mmdit.pipeline.SD3Pipeline, "load", classmethod(lambda cls, path, no_t5=False: pipe))
+    monkeypatch.setattr(mmdit.pipeline.SD3Pipeline, "load",
+                        classmethod(lambda cls, path, no_t5=False, device="cpu": pipe))
     monkeypatch.setattr(mmdit.checkpoint, "load_mmdit", lambda weights: torch.nn.Identity())
     monkeypatch.setattr(evaluate, "made_with", lambda *args: {})
     monkeypatch.setattr(mmdit.eval.geneval, "generate",
@@ -198,15 +199,19 @@ def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg,
     assert [s.cfg for s in used] == [expected] and evaluate.TOY_CFG == 2.0
 
 
-@pytest.mark.parametrize("cfg", ["nan", "-1", "101", "inf"])
-def test_evaluate_refuses_a_guidance_out_of_range(tmp_path, capsys, cfg):
+@pytest.mark.parametrize("flags, message", [(["--cfg", "nan"], "--cfg must be a finite number in [0, 100]"),
+                                            (["--cfg", "-1"], "--cfg must be a finite number in [0, 100]"),
+                                            (["--cfg", "101"], "--cfg must be a finite number in [0, 100]"),
+                                            (["--cfg", "inf"], "--cfg must be a finite number in [0, 100]"),
+                                            (["--device", "tpu"], "unknown --device 'tpu'; accepted: cpu, cuda")])
+def test_evaluate_refuses_a_guidance_or_device_it_cannot_use(tmp_path, capsys, flags, message):
     from mmdit.toy import evaluate
 
     run = fake_run(tmp_path)
     with pytest.raises(SystemExit) as e:
-        evaluate.main([str(run), "--only-export", "--cfg", cfg])
+        evaluate.main([str(run), "--only-export", *flags])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "--cfg must be a finite number in [0, 100]" in err and len(err.splitlines()) == 1
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
     assert not (run / "eval").exists()
 
 
@@ -219,8 +224,8 @@ def test_evaluate_scores_a_pipeline_into_the_folder_given(tmp_path, monkeypatch,
     (pipeline / "transformer").mkdir(parents=True)
     (pipeline / "model_index.json").write_text("{}")
 
-    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28):
-        calls.append((weights, components, outdir))
+    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28, device="cpu"):
+        calls.append((weights, components, outdir, device))
         outdir.mkdir(parents=True)
         (outdir / "results.jsonl").write_text("")
         return evaluate.attribute_scores([])
@@ -233,7 +238,7 @@ def test_evaluate_scores_a_pipeline_into_the_folder_given(tmp_path, monkeypatch,
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
     assert calls == []
-    evaluate.main([str(pipeline), "--out", str(tmp_path / "scores")])
-    assert calls == [(pipeline / "transformer", pipeline, tmp_path / "scores" / "t5_step_00000000")]
+    evaluate.main([str(pipeline), "--out", str(tmp_path / "scores"), "--device", "cpu"])
+    assert calls == [(pipeline / "transformer", pipeline, tmp_path / "scores" / "t5_step_00000000", "cpu")]
     assert (tmp_path / "scores" / "curve_t5.md").is_file() and (tmp_path / "scores" / "drawn_t5.md").is_file()
     assert sorted(p.name for p in pipeline.iterdir()) == ["model_index.json", "transformer"]

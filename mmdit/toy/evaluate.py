@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -48,8 +49,9 @@ def attribute_scores(results: list[dict]) -> dict:
 
 
 def score_weights(weights: Path, components: Path, outdir: Path, samples_per_prompt: int, no_t5: bool,
-                  cfg: float | None = None, steps: int = 28) -> dict:
-    """Toy GenEval of one MM-DiT (any format load_mmdit reads) inside the components' pipeline."""
+                  cfg: float | None = None, steps: int = 28, device: str = "cpu") -> dict:
+    """Toy GenEval of one MM-DiT (any format load_mmdit reads) inside the components' pipeline, in fp32 on
+    device (the starting noise is drawn on the CPU, so a GPU draws the same pictures up to rounding)."""
     from mmdit.checkpoint import load_mmdit
     from mmdit.config import Settings
     from mmdit.eval.geneval import generate, score
@@ -60,8 +62,8 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     prompts = outdir.with_name("toy_geneval.jsonl")   # the same prompts as data/toy_geneval.jsonl (tested)
     prompts.parent.mkdir(parents=True, exist_ok=True)
     prompts.write_text("".join(json.dumps(p) + "\n" for p in evaluation_prompts()))
-    pipe = SD3Pipeline.load(components, no_t5=no_t5)
-    pipe.transformer = load_mmdit(weights).eval()
+    pipe = SD3Pipeline.load(components, no_t5=no_t5, device=device)
+    pipe.transformer = load_mmdit(weights).eval().to(device)
     settings = Settings(steps=steps, cfg=TOY_CFG if cfg is None else cfg, shift=pipe.shift, width=pipe.default_side,
                         height=pipe.default_side)
     record = made_with(weights, components, no_t5)
@@ -203,8 +205,12 @@ def main(argv=None):
                    "the export; default: every checkpoint)")
     p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the toy "
                    f"pipelines' {TOY_CFG:g}); another one writes its own files, e.g. eval/curve_t5_cfg3.md")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu); "
+                   "fp32 on either")
     args = p.parse_args(argv)
     run = Path(args.run)
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        fail(p.prog, f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N")
     if args.samples_per_prompt < 1:
         fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_GUIDANCE):
@@ -218,6 +224,11 @@ def main(argv=None):
         components, out, batch, targets = run_targets(p.prog, run, args)
     else:
         fail(p.prog, f"{run} is neither a training run (config.json) nor a pipeline (model_index.json)")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(p.prog, f"--device {device} asked for, but no CUDA device is available")
     rows, seen_steps = [], set()
     cfg = TOY_CFG if args.cfg is None else args.cfg
     tag = ("no_t5" if args.no_t5 else "t5") + ("" if cfg == TOY_CFG else f"_cfg{cfg:g}")
@@ -227,7 +238,7 @@ def main(argv=None):
         seen_steps.add(step)
         try:
             scores = score_weights(weights, components, out / f"{tag}_step_{step:08d}",
-                                   args.samples_per_prompt, args.no_t5, cfg=cfg)
+                                   args.samples_per_prompt, args.no_t5, cfg=cfg, device=device)
         except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
             fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         rows.append({"step": step, "samples": step * batch, "cfg": cfg, **scores})
