@@ -535,7 +535,8 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
     # The fused kernel (CPU and CUDA) is much faster than the per-tensor loop; DeepSpeed keeps its own step path.
     optimizer = build_optimizer(cfg.optim.optimizer, [(n, p) for n, p in model.named_parameters() if p.requires_grad],
                                 lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
-                                eps=cfg.optim.eps, fused=not procs.deepspeed)
+                                eps=cfg.optim.eps, fused=not procs.deepspeed,
+                                ns_dtype=torch.bfloat16 if procs.precision == "bf16" else torch.float32)
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + procs.rank)
     if resume is not None:
         problem = lora_resume_problem(cfg, resume)
