@@ -5,10 +5,11 @@
     accelerate launch train.py --config configs/sd3-d24-256.yaml
 
 Per step: draw sigma (lognorm(0, 1) by default, shift only if asked), noise the latents, drop each text encoder
-independently (zeros), assemble the conditioning, predict the velocity, MSE to noise - x0, backward, clip, AdamW,
-EMA (fp32). Checkpoints hold model, EMA, optimiser, schedule, step, the training RNG and the data position, and are
-written to a temporary folder then renamed; resuming continues bit for bit. A non-finite loss skips the step;
-max_bad_steps in a row stop the run. SIGTERM / SIGINT save a checkpoint and exit.
+independently (zeros), assemble the conditioning, predict the velocity, MSE to noise - x0, backward, clip, AdamW
+(or Muon on the blocks' matrices: optim.optimizer), EMA (fp32). Checkpoints hold model, EMA, optimiser, schedule,
+step, the training RNG and the data position, and are written to a temporary folder then renamed; resuming
+continues bit for bit. A non-finite loss skips the step; max_bad_steps in a row stop the run. SIGTERM / SIGINT save
+a checkpoint and exit.
 
 Several processes (accelerate launch) train with the DeepSpeed file the launcher names, else train.deepspeed (ZeRO-2
 by default), or DDP when that is "": each rank reads its own shards, gradients are reduced, and checkpoints hold
@@ -370,6 +371,10 @@ def check_recipe(args):
 
     try:
         cfg = load_config(args.config, args.overrides)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.optim.optimizer != "adamw" and choose_engine(cfg.train.deepspeed, world, os.environ)[0] == "deepspeed":
+            raise ValueError(f"optim.optimizer {cfg.optim.optimizer}: DeepSpeed steps its own AdamW; accepted with "
+                             f"DeepSpeed: adamw")
         prepare = preparation_step(cfg.data.prepare) if cfg.data.prepare else None
         missing = [s for s in (cfg.data.shards, cfg.data.val_shards)
                    if s and names_folder(s) and not (Path(s) / "manifest.json").is_file()]
@@ -434,11 +439,14 @@ def set_up_processes(cfg, resume) -> Processes:
         engine, deepspeed_file = choose_engine(cfg.train.deepspeed, world, os.environ)
     except ValueError as e:
         fail(str(e))
-    if engine == "deepspeed" and cfg.optim.optimizer != "adamw":
-        fail(f"optim.optimizer {cfg.optim.optimizer}: DeepSpeed steps its own AdamW; accepted with DeepSpeed: adamw")
     # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
     # a resumed run keeps the precision its checkpoint recorded, so the rest of the run computes as the start did
-    recorded = torch.load(resume / "state_rank0.pt", weights_only=True).get("precision") if resume else None
+    saved = torch.load(resume / "state_rank0.pt", weights_only=True) if resume else {}
+    trained_with = saved.get("optimizer", "adamw") if resume else cfg.optim.optimizer   # older runs: AdamW
+    if trained_with != cfg.optim.optimizer:
+        fail(f"--resume {resume}: the run was trained with optim.optimizer={trained_with}, the recipe says "
+             f"{cfg.optim.optimizer}; resume with the optimizer it was trained with")
+    recorded = saved.get("precision")
     precision = recorded if cfg.train.precision == "auto" and recorded else choose_precision(
         cfg.train.precision, "cuda" if torch.cuda.is_available() else "cpu",
         speedup=(lambda device: 0.0) if world > 1 else bf16_speedup)
@@ -506,7 +514,7 @@ def base_dtype(cfg, procs: Processes):
 
 
 def build_state(cfg, procs: Processes, resume) -> TrainState:
-    """The model (fresh or model.init_from), its fp32 EMA, AdamW and the training RNG, restored from `resume`."""
+    """The model (fresh or model.init_from), its fp32 EMA, optimizer and training RNG, restored from `resume`."""
     import torch
 
     from mmdit.checkpoint import load_mmdit
@@ -590,7 +598,7 @@ def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
     # torch's global generator drives LoRA dropout (peft's), so it is saved too
     saved = {"step": state.step, "data": state.data.to_dict(), "read": state.tally.to_dict(),
              "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "precision": procs.precision}
+             "precision": procs.precision, "optimizer": cfg.optim.optimizer}
     lora = bool(cfg.model.lora)   # checked once, at load (ModelSection.lora_spec)
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
                            master_weights(state.raw_model, state.fixed, trained_only=lora), state.ema, state.optimizer,

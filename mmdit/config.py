@@ -452,8 +452,6 @@ def config_from_dict(d: dict) -> Config:
     config.model.build_config()  # a bad preset or model override fails here, before any compute
     if config.model.lora_spec() is not None and not config.model.init_from:
         raise ValueError("model.lora adapts a trained model: give model.init_from (a checkpoint, e.g. SD3.5's)")
-    if config.model.lora_spec() is not None and config.optim.optimizer != "adamw":
-        raise ValueError(f"optim.optimizer {config.optim.optimizer} trains whole matrices: LoRA runs take adamw")
     choices = [("flow.timestep_sampling", config.flow.timestep_sampling, TIMESTEP_SAMPLERS),
                ("flow.loss_weighting", config.flow.loss_weighting, LOSS_WEIGHTINGS),
                ("train.precision", config.train.precision, PRECISIONS),
@@ -461,6 +459,8 @@ def config_from_dict(d: dict) -> Config:
     for where, value, accepted in choices:
         if value not in accepted:
             raise ValueError(f"{where} {value!r} is not one of {', '.join(accepted)}")
+    if config.model.lora_spec() is not None and config.optim.optimizer != "adamw":
+        raise ValueError(f"optim.optimizer {config.optim.optimizer} trains whole matrices: LoRA runs take adamw")
     problem = _first_recipe_problem(config)
     if problem:
         raise ValueError(problem)

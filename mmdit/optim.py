@@ -24,6 +24,9 @@ from mmdit.config import OPTIMIZERS
 
 BLOCK_PREFIXES = ("joint_blocks.",)   # the MM-DiT's transformer blocks (checkpoint names)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # Keller Jordan's quintic, as torch.optim.Muon
+# Matrices of one shape are orthogonalised together, in stacks of at most this many elements, so that a model of
+# SD3.5 Large's size does not hold a copy of all its MLP weights at once.
+MAX_STACK_ELEMENTS = 1 << 26
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
@@ -69,13 +72,18 @@ class Muon(torch.optim.Optimizer):
             by_shape = defaultdict(list)
             for i, p in enumerate(params):
                 by_shape[tuple(p.shape)].append(i)
-            for shape, members in by_shape.items():   # nesterov: the update looks one momentum step ahead
-                ahead = torch.stack([grads[i].lerp(buffers[i], momentum) for i in members]).to(self.ns_dtype)
-                ortho = orthogonalize(ahead, self.ns_steps)
+            for shape, members in by_shape.items():
                 scale = 0.2 * math.sqrt(max(shape))
-                for k, i in enumerate(members):
-                    params[i].mul_(1 - lr * group["weight_decay"])
-                    params[i].add_(ortho[k].to(params[i].dtype), alpha=-lr * scale)
+                per_stack = max(1, MAX_STACK_ELEMENTS // math.prod(shape))
+                for first in range(0, len(members), per_stack):
+                    chunk = members[first:first + per_stack]
+                    ahead = torch.empty((len(chunk), *shape), dtype=self.ns_dtype, device=params[chunk[0]].device)
+                    for k, i in enumerate(chunk):   # nesterov: the update looks one momentum step ahead
+                        ahead[k] = grads[i].lerp(buffers[i], momentum)
+                    ortho = orthogonalize(ahead, self.ns_steps)
+                    for k, i in enumerate(chunk):
+                        params[i].mul_(1 - lr * group["weight_decay"])
+                        params[i].add_(ortho[k].to(params[i].dtype), alpha=-lr * scale)
 
 
 class MuonWithAdamW:

@@ -58,3 +58,19 @@ def test_muon_with_adamw_splits_the_mmdit():
     assert not any(id(p) in muon_ids for n, p in named if n.startswith(("x_embedder", "final_layer", "context_")))
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; accepted: adamw, muon"):
         build_optimizer("sgd", named, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=False)
+
+
+def test_one_schedule_sets_both_halves_learning_rates():
+    """train.py sets group["lr"] on every param group: Muon's and AdamW's both follow, and both step."""
+    model = MMDiT(model_preset("tiny"))
+    opt = build_optimizer("muon", list(model.named_parameters()), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0,
+                          eps=1e-8, fused=False)
+    for group in opt.param_groups:
+        group["lr"] = 0.25
+    assert opt.muon.param_groups[0]["lr"] == 0.25 and opt.adamw.param_groups[0]["lr"] == 0.25
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(before)

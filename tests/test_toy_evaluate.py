@@ -182,9 +182,11 @@ def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg,
 
     used = []
     pipe = types.SimpleNamespace(shift=1.0, default_side=64)
+    devices = []
     monkeypatch.setattr(mmdit.pipeline.SD3Pipeline, "load",
-                        classmethod(lambda cls, path, no_t5=False, device="cpu": pipe))
-    monkeypatch.setattr(mmdit.checkpoint, "load_mmdit", lambda weights: torch.nn.Identity())
+                        classmethod(lambda cls, path, no_t5=False, device="cpu": devices.append(device) or pipe))
+    monkeypatch.setattr(mmdit.checkpoint, "load_mmdit",
+                        lambda weights, dtype=None: devices.append(dtype) or torch.nn.Identity())
     monkeypatch.setattr(evaluate, "made_with", lambda *args: {})
     monkeypatch.setattr(mmdit.eval.geneval, "generate",
                         lambda prompts, outdir, p, settings, **kw: used.append(settings))
@@ -195,17 +197,21 @@ def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg,
 
     monkeypatch.setattr(mmdit.eval.geneval, "score", fake_score)
     (tmp_path / "out").mkdir()
-    evaluate.score_weights(tmp_path / "w.safetensors", tmp_path, tmp_path / "out", 1, False, cfg=cfg)
+    evaluate.score_weights(tmp_path / "w.safetensors", tmp_path, tmp_path / "out", 1, False, cfg=cfg, device="meta")
     assert [s.cfg for s in used] == [expected] and evaluate.TOY_CFG == 2.0
+    assert devices == ["meta", torch.float32]   # the pipeline on the device asked for; the MM-DiT read as fp32
 
 
 @pytest.mark.parametrize("flags, message", [(["--cfg", "nan"], "--cfg must be a finite number in [0, 100]"),
                                             (["--cfg", "-1"], "--cfg must be a finite number in [0, 100]"),
                                             (["--cfg", "101"], "--cfg must be a finite number in [0, 100]"),
                                             (["--cfg", "inf"], "--cfg must be a finite number in [0, 100]"),
-                                            (["--device", "tpu"], "unknown --device 'tpu'; accepted: cpu, cuda")])
-def test_evaluate_refuses_a_guidance_or_device_it_cannot_use(tmp_path, capsys, flags, message):
+                                            (["--device", "tpu"], "unknown --device 'tpu'; accepted: cpu, cuda"),
+                                            (["--device", "cuda"], "--device cuda asked for, but no CUDA device")])
+def test_evaluate_refuses_a_guidance_or_device_it_cannot_use(tmp_path, capsys, monkeypatch, flags, message):
     from mmdit.toy import evaluate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     run = fake_run(tmp_path)
     with pytest.raises(SystemExit) as e:

@@ -100,6 +100,26 @@ def test_muon_trains_and_resumes_bit_exact(shard_dir, tmp_path):
     assert sum(curve[s] for s in range(31, 41)) < 0.9 * sum(curve[s] for s in range(1, 11))   # AdamW: 0.82
 
 
+def test_muon_is_refused_under_deepspeed_and_on_a_run_of_another_optimizer(shard_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """DeepSpeed steps its own AdamW: muon is refused before any compute. A checkpoint is resumed only with the
+    optimizer it was trained with (its state would not fit the other)."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SystemExit) as err:
+        train_cli.main(args(shard_dir, tmp_path / "ds", "optim.optimizer=muon"))
+    assert err.value.code == 2 and "DeepSpeed steps its own AdamW; accepted with DeepSpeed: adamw" in \
+        capsys.readouterr().err and not (tmp_path / "ds").exists()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    train_cli.main(args(shard_dir, tmp_path / "run", "train.steps=2"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        train_cli.main(args(shard_dir, tmp_path / "run", "train.steps=4", "optim.optimizer=muon") +
+                       ["--resume", "latest"])
+    message = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and "trained with optim.optimizer=adamw, the recipe says muon" in message[-1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002"]
+
+
 def test_validation_is_deterministic_and_ema_is_the_formula(shard_dir, tmp_path):
     from mmdit.config import TextLayout, load_config
 
@@ -127,6 +147,7 @@ def test_validation_is_deterministic_and_ema_is_the_formula(shard_dir, tmp_path)
     (["train.steps=0"], "train.steps must be a finite number in [1, inf), got 0"),
     (["train.log_every=0"], "train.log_every must be"),
     (["optim.optimizer=sgd"], "optim.optimizer 'sgd' is not one of adamw, muon"),
+    (["optim.optimizer=muon", "model.init_from=x", "model.lora={rank: 4}"], "LoRA runs take adamw"),
 ])
 def test_bad_recipe_fails_before_compute(shard_dir, tmp_path, capsys, extra, match):
     with pytest.raises(SystemExit) as err:

@@ -52,6 +52,8 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
                   cfg: float | None = None, steps: int = 28, device: str = "cpu") -> dict:
     """Toy GenEval of one MM-DiT (any format load_mmdit reads) inside the components' pipeline, in fp32 on
     device (the starting noise is drawn on the CPU, so a GPU draws the same pictures up to rounding)."""
+    import torch
+
     from mmdit.checkpoint import load_mmdit
     from mmdit.config import Settings
     from mmdit.eval.geneval import generate, score
@@ -63,7 +65,7 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     prompts.parent.mkdir(parents=True, exist_ok=True)
     prompts.write_text("".join(json.dumps(p) + "\n" for p in evaluation_prompts()))
     pipe = SD3Pipeline.load(components, no_t5=no_t5, device=device)
-    pipe.transformer = load_mmdit(weights).eval().to(device)
+    pipe.transformer = load_mmdit(weights, dtype=torch.float32).eval().to(device)
     settings = Settings(steps=steps, cfg=TOY_CFG if cfg is None else cfg, shift=pipe.shift, width=pipe.default_side,
                         height=pipe.default_side)
     record = made_with(weights, components, no_t5)
@@ -229,6 +231,8 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(p.prog, f"--device {device} asked for, but no CUDA device is available")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        fail(p.prog, f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
     rows, seen_steps = [], set()
     cfg = TOY_CFG if args.cfg is None else args.cfg
     tag = ("no_t5" if args.no_t5 else "t5") + ("" if cfg == TOY_CFG else f"_cfg{cfg:g}")
