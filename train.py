@@ -442,8 +442,8 @@ def set_up_processes(cfg, resume) -> Processes:
     # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
     # a resumed run keeps the precision its checkpoint recorded, so the rest of the run computes as the start did
     saved = torch.load(resume / "state_rank0.pt", weights_only=True) if resume else {}
-    trained_with = saved.get("optimizer", "adamw") if resume else cfg.optim.optimizer   # older runs: AdamW
-    if trained_with != cfg.optim.optimizer:
+    trained_with = saved.get("optimizer", "adamw")   # runs from before optim.optimizer trained with AdamW
+    if resume and trained_with != cfg.optim.optimizer:
         fail(f"--resume {resume}: the run was trained with optim.optimizer={trained_with}, the recipe says "
              f"{cfg.optim.optimizer}; resume with the optimizer it was trained with")
     recorded = saved.get("precision")

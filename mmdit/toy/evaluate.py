@@ -17,6 +17,7 @@ which tells a wrong colour from a swapped one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from mmdit.cli import Parser, fail
 from mmdit.config import MAX_GUIDANCE
+from mmdit.sampling_cli import DEVICE_PATTERN, device_and_dtype
 from mmdit.toy import TOY_CFG
 
 TASKS_BY_ATTRIBUTE = {"shape": ("single_object", "two_object"), "colour": ("colors",), "count": ("counting",),
@@ -207,12 +209,10 @@ def main(argv=None):
                    "the export; default: every checkpoint)")
     p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the toy "
                    f"pipelines' {TOY_CFG:g}); another one writes its own files, e.g. eval/curve_t5_cfg3.md")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present, else cpu); "
-                   "fp32 on either")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else "
+                   "cpu); fp32 on any")
     args = p.parse_args(argv)
     run = Path(args.run)
-    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        fail(p.prog, f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N")
     if args.samples_per_prompt < 1:
         fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_GUIDANCE):
@@ -226,13 +226,12 @@ def main(argv=None):
         components, out, batch, targets = run_targets(p.prog, run, args)
     else:
         fail(p.prog, f"{run} is neither a training run (config.json) nor a pipeline (model_index.json)")
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(p.prog, f"--device {device} asked for, but no CUDA device is available")
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        fail(p.prog, f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if args.device is not None and not re.fullmatch(DEVICE_PATTERN, args.device):
+        fail(p.prog, f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N, mps, xpu, xpu:N")
+    try:   # sample.py's device rules (cuda when present), always in fp32 so that scores compare across devices
+        device = str(device_and_dtype(argparse.Namespace(device=args.device, dtype="fp32"))[0])
+    except ValueError as e:
+        fail(p.prog, str(e))
     rows, seen_steps = [], set()
     cfg = TOY_CFG if args.cfg is None else args.cfg
     tag = ("no_t5" if args.no_t5 else "t5") + ("" if cfg == TOY_CFG else f"_cfg{cfg:g}")
