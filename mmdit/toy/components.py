@@ -43,7 +43,7 @@ def latent_cuts(n: int, side: int, rng) -> torch.Tensor:
 
 def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl_weight: float = 1e-6,
               object_weight: float = 20.0, locality_weight: float = 0.1, compute_dtype: torch.dtype | None = None,
-              seed: int = 0, progress=None, decoder_only: bool = False):
+              seed: int = 0, progress=None, decoder_only: bool = False, worst_background_weight: float = 0.0):
     """Reconstruction (L1 + L2, objects weighted up) plus a small KL, on whole images ((N, H, W, 3) uint8), with
     a locality term; compute_dtype: an autocast dtype (the caller's choice; master weights stay fp32).
 
@@ -82,7 +82,7 @@ def train_vae(vae, images, steps: int, batch_size: int = 8, lr: float = 2e-3, kl
                 target_z = _splice(z[:B], cut)
             with torch.autocast(x.device.type, compute_dtype or torch.float32, enabled=compute_dtype is not None):
                 recon = vae.decode(torch.cat([z[:B], target_z])).sample.float()
-            loss = _weighted_error(recon, torch.cat([x, spliced]), object_weight)
+            loss = _weighted_error(recon, torch.cat([x, spliced]), object_weight, worst_background_weight)
             if not decoder_only:
                 loss = loss + kl_weight * posterior.kl().mean()
                 spread = z[:B].detach().var() + 1e-6
@@ -111,20 +111,33 @@ def _splice(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask * x + (1 - mask) * x.roll(1, 0)
 
 
-def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
+def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float,
+                    worst_background_weight: float = 0.0) -> torch.Tensor:
     """L1 + L2 with objects (and a rim around them) weighted up: they are a few percent of the pixels, and without
-    the weight the loss is all background and the decoder stays at blurry blobs for a long time."""
+    the weight the loss is all background and the decoder stays at blurry blobs for a long time.
+
+    worst_background_weight adds the mean of each picture's WORST_BACKGROUND_PIXELS largest errors away from any
+    object: a mark a few pixels wide (the decoder drew one in the top-left corner of every picture) is too small a
+    part of the mean for it to be trained away, and background pixels should all come back as they were."""
     error = (recon - x).abs() + (recon - x) ** 2
     background = x.flatten(2).median(2).values[..., None, None]
     near = torch.nn.functional.max_pool2d(((x - background).abs().sum(1, keepdim=True) > 0.2).float(), 5, 1, 2)
     weight = 1 + object_weight * near
-    return (error * weight).sum() / (weight.sum() * 3)
+    loss = (error * weight).sum() / (weight.sum() * 3)
+    if worst_background_weight:
+        away = (error.sum(1) * (1 - near[:, 0])).flatten(1)
+        loss = loss + worst_background_weight * away.topk(WORST_BACKGROUND_PIXELS, dim=1).values.mean() / 3
+    return loss
+
+
+WORST_BACKGROUND_PIXELS = 16
 
 
 # The decoder's second phase (train_vae with decoder_only): the first phase weights objects up, or the decoder stays
 # at blurry blobs; left there, it decodes backgrounds with a dark top-left mark and tinted halos. A second phase on
-# every training image, objects weighted far less, removes most of both and leaves the latents as they were.
-DECODER_PHASE = {"lr": 1e-3, "object_weight": 5.0}
+# every training image, objects weighted far less, removes the halos and leaves the latents as they were; the
+# worst-background term removes the mark, which is too few pixels for the mean error to see.
+DECODER_PHASE = {"lr": 1e-3, "object_weight": 5.0, "worst_background_weight": 1.0}
 
 
 def mend_decoder(vae, images, steps: int, seed: int = 0, compute_dtype: torch.dtype | None = None, progress=None):
