@@ -126,7 +126,8 @@ def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float,
     loss = (error * weight).sum() / (weight.sum() * 3)
     if worst_background_weight:
         away = (error.sum(1) * (1 - near[:, 0])).flatten(1)
-        loss = loss + worst_background_weight * away.topk(WORST_BACKGROUND_PIXELS, dim=1).values.mean() / 3
+        worst = away.topk(min(WORST_BACKGROUND_PIXELS, away.shape[1]), dim=1).values
+        loss = loss + worst_background_weight * worst.mean() / 3
     return loss
 
 
