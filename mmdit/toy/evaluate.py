@@ -209,10 +209,12 @@ def main(argv=None):
                    "the export; default: every checkpoint)")
     p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the toy "
                    f"pipelines' {TOY_CFG:g}); another one writes its own files, e.g. eval/curve_t5_cfg3.md")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when present, else "
-                   "cpu); fp32 on any")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda when "
+                   "present, else cpu); fp32 on any")
     args = p.parse_args(argv)
     run = Path(args.run)
+    if args.device is not None and not re.fullmatch(DEVICE_PATTERN, args.device):
+        fail(p.prog, f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N, mps, xpu, xpu:N")
     if args.samples_per_prompt < 1:
         fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_GUIDANCE):
@@ -226,8 +228,6 @@ def main(argv=None):
         components, out, batch, targets = run_targets(p.prog, run, args)
     else:
         fail(p.prog, f"{run} is neither a training run (config.json) nor a pipeline (model_index.json)")
-    if args.device is not None and not re.fullmatch(DEVICE_PATTERN, args.device):
-        fail(p.prog, f"unknown --device {args.device!r}; accepted: cpu, cuda, cuda:N, mps, xpu, xpu:N")
     try:   # sample.py's device rules (cuda when present), always in fp32 so that scores compare across devices
         device = str(device_and_dtype(argparse.Namespace(device=args.device, dtype="fp32"))[0])
     except ValueError as e:
