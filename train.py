@@ -149,14 +149,26 @@ def preparation_step(module: str):
     return step
 
 
-def export_pipeline(transformer: Path, base: Path, target: Path):
-    """A diffusers pipeline directory: base's VAE, encoders and scheduler with the exported diffusers transformer
-    folder (copied, not serialised again: for an 8B model that is tens of GB written once, not twice), written beside
-    and renamed into place."""
+def export_pipeline(transformer: Path, base: Path, target: Path, depth: int):
+    """A diffusers pipeline directory: base's VAE, encoders, scheduler and sampling defaults with the exported
+    diffusers transformer folder (copied, not serialised again: for an 8B model that is tens of GB written once, not
+    twice), written beside and renamed into place. Skip-layer guidance that base recommends for blocks this
+    depth-`depth` MM-DiT lacks (a shallower model than base's) is left out of the copy's defaults."""
+    from mmdit.config import SAMPLING_DEFAULTS_FILE
+
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp, ignore=lambda folder, names: ["transformer"] if Path(folder) == base else [])
     shutil.copytree(transformer, tmp / "transformer")
+    defaults = tmp / SAMPLING_DEFAULTS_FILE
+    if defaults.is_file():   # checked by sampling_defaults at the run's start
+        recorded = json.loads(defaults.read_text())
+        layers = recorded.get("slg_layers", [])
+        if any(i >= depth for i in layers):
+            recorded["slg_layers"] = [i for i in layers if i < depth]
+            defaults.write_text(json.dumps(recorded) + "\n")
+            print(f"export: {base}'s skip-layer guidance blocks {layers} do not all exist in this {depth}-block "
+                  f"model; the pipeline recommends {recorded['slg_layers']}", file=sys.stderr)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -265,14 +277,16 @@ def sample_grid(ema, conditioning, cfg, side: int):
     """Images of the fixed prompts from the EMA weights (seeds 0, 1, ...), side by side: (H, W * n, 3) uint8."""
     from mmdit.loading import scheduler_shift
     from mmdit.pipeline import SD3Pipeline, Settings
-    from mmdit.sampling_cli import default_cfg
+    from mmdit.sampling_cli import sampling_defaults
 
     text, vae = conditioning
     pipe = SD3Pipeline(ema, vae, text, scheduler_shift(cfg.train.sample_model))
     prompts = list(cfg.train.sample_prompts)
-    guidance = default_cfg(cfg.train.sample_model, otherwise=5.0)   # the model folder's own scale, if it has one
-    images = pipe.generate(prompts, list(range(len(prompts))), Settings(steps=cfg.train.sample_steps, cfg=guidance,
-                                                                       width=side, height=side))
+    recommended = sampling_defaults(cfg.train.sample_model, cfg_otherwise=5.0)   # the model folder's own, if any
+    settings = Settings(steps=cfg.train.sample_steps, cfg=recommended["cfg"], width=side, height=side,
+                        slg_layers=[i for i in recommended["slg_layers"] if i < ema.config.depth],
+                        slg_scale=recommended["slg_scale"])
+    images = pipe.generate(prompts, list(range(len(prompts))), settings)
     return images.transpose(1, 0, 2, 3).reshape(side, side * len(prompts), 3)
 
 
@@ -408,9 +422,9 @@ def check_recipe(args):
                 if problem:
                     raise ValueError(f"shard source {source.spec} cannot be read: {problem}")
         if cfg.train.sample_model:   # its sampling defaults are read at the first sample grid: check them now
-            from mmdit.sampling_cli import default_cfg
+            from mmdit.sampling_cli import sampling_defaults
 
-            default_cfg(cfg.train.sample_model)
+            sampling_defaults(cfg.train.sample_model)
     except ValueError as e:   # UsageError is one
         fail(str(e))
     out_dir = Path(cfg.train.out_dir)
@@ -689,7 +703,7 @@ def export(cfg, state: TrainState, run_started: float):
         save_mmdit(ema, out / "transformer", "diffusers")
         base = Path(cfg.train.sample_model or "")
         if cfg.train.sample_model and (base / "model_index.json").is_file():   # a whole model for sample.py
-            export_pipeline(out / "transformer", base, out / "pipeline")
+            export_pipeline(out / "transformer", base, out / "pipeline", ema.config.depth)
     print(f"exported the EMA weights to {out} ({time.perf_counter() - run_started:.0f} s since start)",
           file=sys.stderr)
 

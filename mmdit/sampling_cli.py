@@ -55,9 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, seed: int, batch_size: int
     sampling.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLERS)}")
     sampling.add_argument("--negative-prompt", default="", help="what guidance pushes away from (default: the empty "
                           "string, encoded)")
-    sampling.add_argument("--slg-layers", type=int, nargs="*", default=[], help="skip-layer guidance blocks, e.g. "
-                          "7 8 9 for SD3.5 Medium (default: off)")
-    sampling.add_argument("--slg-scale", type=float, default=2.8, help="skip-layer guidance scale")
+    sampling.add_argument("--slg-layers", type=int, nargs="*", default=None, help="skip-layer guidance blocks, e.g. "
+                          f"7 8 9 for SD3.5 Medium; the flag alone turns it off (default: the model folder's own, from "
+                          f"its {SAMPLING_DEFAULTS_FILE}, as the toy models carry; else off)")
+    sampling.add_argument("--slg-scale", type=float, default=None, help=f"skip-layer guidance scale (default: the "
+                          f"model folder's own, else {Settings.slg_scale})")
     sampling.add_argument("--width", type=int, default=None, help="default: the model's own size (1024 for SD3)")
     sampling.add_argument("--height", type=int, default=None, help="default: the model's own size")
     sampling.add_argument("--seed", type=int, default=seed, help="the first image's seed; image i uses seed + i")
@@ -71,8 +73,10 @@ def check_arguments(args: argparse.Namespace, images: int):
     UsageError naming the flag."""
     if images < 1:
         raise UsageError(f"nothing to make: {images} images")
-    if args.cfg is None:
-        args.cfg = default_cfg(args.model)
+    recommended = sampling_defaults(args.model)
+    for name in ("cfg", "slg_layers", "slg_scale"):
+        if getattr(args, name) is None:
+            setattr(args, name, recommended[name])
     if args.model is None:
         args.model = str(BUNDLED_MODEL)
     if not 1 <= args.batch_size <= MAX_BATCH:
@@ -124,15 +128,17 @@ def settings_from(args: argparse.Namespace, shift: float | None, side: int) -> S
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
 
 
-def default_cfg(model, otherwise: float = SD3_CFG) -> float:
-    """The guidance scale when none is given: the one a pipeline folder recommends in its mmdit_sampling.json (the
-    toy pipelines do: guidance that suits SD3 darkens their colours), else `otherwise` (SD3's). model None: the
-    bundled model."""
+def sampling_defaults(model, cfg_otherwise: float = SD3_CFG) -> dict:
+    """The sampling values a pipeline folder recommends in its mmdit_sampling.json, for the flags left unset: cfg
+    (else cfg_otherwise, SD3's), slg_layers (else none) and slg_scale (else Settings'). The toy pipelines carry
+    one: guidance that suits SD3 darkens their colours, and skip-layer guidance sharpens their shapes. model None:
+    the bundled model."""
     import json
 
+    values = {"cfg": cfg_otherwise, "slg_layers": [], "slg_scale": Settings.slg_scale}
     defaults = Path(BUNDLED_MODEL if model is None else model) / SAMPLING_DEFAULTS_FILE
     if not defaults.is_file():
-        return otherwise
+        return values
     try:
         recorded = json.loads(defaults.read_text())
     except OSError as e:
@@ -141,13 +147,23 @@ def default_cfg(model, otherwise: float = SD3_CFG) -> float:
         recorded = None
     if not isinstance(recorded, dict):
         raise UsageError(f"{defaults} is not a JSON object like {{\"cfg\": 2.0}}")
-    unknown = sorted(set(recorded) - {"cfg"})
+    unknown = sorted(set(recorded) - set(values))
     if unknown:
-        raise UsageError(f"{defaults}: unknown key {unknown[0]!r}; accepted: cfg")
-    cfg = recorded.get("cfg", otherwise)
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not 0 <= cfg <= MAX_GUIDANCE:
-        raise UsageError(f"{defaults}: cfg must be a number in [0, {MAX_GUIDANCE}], got {cfg!r}")
-    return float(cfg)
+        raise UsageError(f"{defaults}: unknown key {unknown[0]!r}; accepted: {', '.join(values)}")
+    values.update(recorded)
+
+    def number_in(x, high):
+        return not isinstance(x, bool) and isinstance(x, (int, float)) and 0 <= x <= high   # NaN fails too
+
+    for name in ("cfg", "slg_scale"):
+        if not number_in(values[name], MAX_GUIDANCE):
+            raise UsageError(f"{defaults}: {name} must be a number in [0, {MAX_GUIDANCE}], got {values[name]!r}")
+        values[name] = float(values[name])
+    layers = values["slg_layers"]
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in layers):
+        raise UsageError(f"{defaults}: slg_layers must be a list of block indices (integers >= 0), got {layers!r}")
+    return values
 
 
 def device_and_dtype(args: argparse.Namespace):

@@ -67,7 +67,7 @@ def test_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         sample_cli.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "sampling steps (default: 28)" in text and "(default: euler)" in text and "(default: 2.8)" in text
+    assert "sampling steps (default: 28)" in text and "(default: euler)" in text and "own, else 2.8)" in text
 
 
 BAD_VALUES = [

@@ -224,10 +224,11 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
     sample.main(["--model", str(exported), "--prompt", "a photo of a red circle", "--steps", "2", "--no-t5",
                  "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
-    from mmdit.sampling_cli import default_cfg
-    from mmdit.toy.components import TOY_CFG
+    from mmdit.sampling_cli import sampling_defaults
+    from mmdit.toy import TOY_SAMPLING
 
-    assert default_cfg(str(exported)) == TOY_CFG   # the recipe's export samples with the toy guidance by default
+    # the recipe's export samples with the toy guidance and skip-layer guidance by default
+    assert sampling_defaults(str(exported)) == {**TOY_SAMPLING, "slg_scale": 2.8}
 
     from mmdit.eval.cli import main as geneval
 
@@ -254,31 +255,44 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
 def test_the_bundled_model_is_the_default_and_small(tmp_path):
     from mmdit.cli import UsageError
     from mmdit.config import SAMPLING_DEFAULTS_FILE
-    from mmdit.sampling_cli import BUNDLED_MODEL, SD3_CFG, default_cfg
-    from mmdit.toy.components import TOY_CFG
+    from mmdit.sampling_cli import BUNDLED_MODEL, SD3_CFG, sampling_defaults
+    from mmdit.toy import TOY_CFG, TOY_SAMPLING
 
     size = sum(f.stat().st_size for f in BUNDLED_MODEL.rglob("*") if f.is_file())
     assert (BUNDLED_MODEL / "model_index.json").is_file() and size < 20 * 2**20
     sample = load_entry_point("sample.py")
     sample.main(["--prompt", "a photo of a red circle left of a blue square", "--out", str(tmp_path / "a.png")])
-    sample.main(["--prompt", "a photo of a red circle left of a blue square", "--no-t5",
+    sample.main(["--prompt", "a photo of a red circle left of a blue square", "--no-t5", "--slg-layers",
                  "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "a.png").size == (64, 64) and Image.open(tmp_path / "b.png").size == (64, 64)
-    # Guidance defaults to what a model folder recommends (the toy pipelines: their own scale), else SD3's.
-    assert json.loads(Image.open(tmp_path / "a.png").text["parameters"])["cfg"] == TOY_CFG == 2.0
+    # Guidance defaults to what a model folder recommends (the toy pipelines: their own scale and skip-layer
+    # guidance), else SD3's; --slg-layers alone turns skip-layer guidance off.
+    drawn = [json.loads(Image.open(tmp_path / f).text["parameters"]) for f in ("a.png", "b.png")]
+    assert drawn[0]["cfg"] == TOY_CFG == 2.0 and drawn[0]["slg_layers"] == [2, 3] and drawn[1]["slg_layers"] == []
+    assert json.loads((BUNDLED_MODEL / SAMPLING_DEFAULTS_FILE).read_text()) == TOY_SAMPLING
+    def default_cfg(model, **otherwise):
+        return sampling_defaults(model, **otherwise)["cfg"]
+
     assert default_cfg(None) == default_cfg(str(BUNDLED_MODEL) + "/") == 2.0
     assert default_cfg(tmp_path) == default_cfg("stabilityai/stable-diffusion-3.5-medium") == SD3_CFG == 7.0
-    assert default_cfg(tmp_path, otherwise=5.0) == 5.0   # train.py's sample grid: its own fallback
+    assert default_cfg(tmp_path, cfg_otherwise=5.0) == 5.0   # train.py's sample grid: its own fallback
     (tmp_path / SAMPLING_DEFAULTS_FILE).write_text("{}")
-    assert default_cfg(tmp_path, otherwise=5.0) == 5.0 and default_cfg(tmp_path) == SD3_CFG
+    assert default_cfg(tmp_path, cfg_otherwise=5.0) == 5.0 and default_cfg(tmp_path) == SD3_CFG
     (tmp_path / SAMPLING_DEFAULTS_FILE).write_text('{"cfg": 3}')
     assert default_cfg(tmp_path) == 3.0
-    for text, problem in (("[2]", "not a JSON object"), ('{"cfg": "high"}', "must be a number"),
+    assert sampling_defaults(tmp_path) == {"cfg": 3.0, "slg_layers": [], "slg_scale": 2.8}
+    (tmp_path / SAMPLING_DEFAULTS_FILE).write_text('{"cfg": 3, "slg_layers": [1, 2], "slg_scale": 2}')
+    assert sampling_defaults(tmp_path) == {"cfg": 3.0, "slg_layers": [1, 2], "slg_scale": 2.0}
+    for text, problem in (("[2]", "not a JSON object"), ('{"cfg": "high"}', "cfg must be a number"),
                           ('{"cfg": 1e400}', "must be a number"), ("{", "not a JSON object"),
-                          ('{"cfg": ' + "9" * 400 + "}", "must be a number"), ('{"cfgg": 2}', "unknown key 'cfgg'")):
+                          ('{"cfg": ' + "9" * 400 + "}", "must be a number"), ('{"cfgg": 2}', "unknown key 'cfgg'"),
+                          ('{"slg_scale": NaN}', "slg_scale must be a number"),
+                          ('{"slg_layers": 2}', "slg_layers must be a list of block indices"),
+                          ('{"slg_layers": [-1]}', "slg_layers must be a list of block indices"),
+                          ('{"slg_layers": [true]}', "slg_layers must be a list of block indices")):
         (tmp_path / SAMPLING_DEFAULTS_FILE).write_text(text)
         with pytest.raises(UsageError, match=problem):
-            default_cfg(tmp_path)
+            sampling_defaults(tmp_path)
 
 
 def test_the_bundled_model_as_a_stability_single_file_draws_the_same(tmp_path):
@@ -317,6 +331,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["data.prepare=imagenet", f"train.out_dir={tmp_path / 'run'}"])
     assert e.value.code == 2 and "data.prepare 'imagenet': accepted: a module of mmdit" in capsys.readouterr().err
+
+
+def test_an_export_recommends_only_the_skip_layer_blocks_its_model_has(tmp_path, capsys):
+    """A recipe exported with a shallower MM-DiT than its components recommend skip-layer guidance for keeps the
+    blocks it has, so sample.py's defaults fit it; a deep enough one gets the components' defaults unchanged."""
+    train = load_entry_point("train.py")
+    base, transformer = tmp_path / "base", tmp_path / "transformer"
+    (base / "vae").mkdir(parents=True)
+    transformer.mkdir()
+    (transformer / "config.json").write_text("{}")
+    recommended = {"cfg": 2.0, "slg_layers": [2, 3]}
+    (base / "mmdit_sampling.json").write_text(json.dumps(recommended))
+    train.export_pipeline(transformer, base, tmp_path / "deep", depth=6)
+    assert json.loads((tmp_path / "deep" / "mmdit_sampling.json").read_text()) == recommended
+    train.export_pipeline(transformer, base, tmp_path / "shallow", depth=3)
+    assert json.loads((tmp_path / "shallow" / "mmdit_sampling.json").read_text()) == {"cfg": 2.0, "slg_layers": [2]}
+    assert "recommends [2]" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "shallow").iterdir()) == ["mmdit_sampling.json", "transformer", "vae"]
+    assert json.loads((base / "mmdit_sampling.json").read_text()) == recommended   # the components stay as they are
 
 
 def test_captions_are_their_metadata_and_near_misses_stay_seen():

@@ -2,6 +2,7 @@
 evaluation's tables (per-attribute scores, the learning curve, what each held-out prompt drew)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -155,8 +156,9 @@ def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkey
 
     run, calls = fake_run(tmp_path), []
 
-    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28, device="cpu"):
-        calls.append((outdir.name, cfg))
+    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28, device="cpu",
+                   shift=None, slg_layers=None):
+        calls.append((outdir.name, cfg, shift))
         outdir.mkdir(parents=True)
         (outdir / "results.jsonl").write_text("")
         return evaluate.attribute_scores([])
@@ -164,15 +166,30 @@ def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkey
     monkeypatch.setattr(evaluate, "score_weights", fake_score)
     evaluate.main([str(run), "--only-export", "--cfg", "3"])
     evaluate.main([str(run), "--only-export", "--no-t5", "--cfg", str(evaluate.TOY_CFG)])
-    assert calls == [("t5_cfg3_step_00000010", 3.0), ("no_t5_step_00000010", evaluate.TOY_CFG)]
+    assert calls == [("t5_cfg3_step_00000010", 3.0, None), ("no_t5_step_00000010", evaluate.TOY_CFG, None)]
     assert (run / "eval" / "curve_t5_cfg3.md").is_file() and (run / "eval" / "drawn_t5_cfg3.md").is_file()
     assert not (run / "eval" / "curve_t5.md").exists()
     assert json.loads((run / "eval" / "curve_t5_cfg3.json").read_text())[0]["cfg"] == 3.0
+    evaluate.main([str(run), "--only-export", "--shift", "3"])   # a sampling shift: its own files too
+    assert calls[-1] == ("t5_shift3_step_00000010", evaluate.TOY_CFG, 3.0)
+    assert (run / "eval" / "curve_t5_shift3.md").is_file() and not (run / "eval" / "curve_t5.md").exists()
+    evaluate.main([str(run), "--only-export", "--slg-layers", "2", "3"])   # skip-layer guidance the components lack
+    assert calls[-1] == ("t5_slg2-3_step_00000010", evaluate.TOY_CFG, None)
+    assert (run / "eval" / "curve_t5_slg2-3.md").is_file() and not (run / "eval" / "curve_t5.md").exists()
 
 
-@pytest.mark.parametrize("cfg, expected", [(None, 2.0), (3.5, 3.5)])
-def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg, expected):
-    """The scale given reaches the sampler's settings; none given is the toy pipelines' guidance."""
+RECOMMENDED = '{"cfg": 2.5, "slg_layers": [2], "slg_scale": 2.0}'
+
+
+@pytest.mark.parametrize("recommended, cfg, shift, layers, expected", [
+    (None, None, None, None, (2.0, 1.0, (), 2.8)),                 # no sampling file: the toy guidance, no SLG
+    (RECOMMENDED, None, None, None, (2.5, 1.0, (2,), 2.0)),        # the components' own
+    (RECOMMENDED, 3.5, 3.0, [], (3.5, 3.0, (), 2.0)),              # flags win; an empty list turns SLG off
+    (RECOMMENDED, None, None, [6], "blocks [6] lie outside the MM-DiT's blocks 0..5")])
+def test_score_weights_samples_with_the_settings_asked(tmp_path, monkeypatch, recommended, cfg, shift, layers,
+                                                       expected):
+    """The guidance, shift and skip-layer blocks given reach the sampler's settings; those not given are the
+    components' own (their mmdit_sampling.json, else the toy guidance) and their scheduler's shift."""
     import types
 
     import mmdit.checkpoint
@@ -180,13 +197,16 @@ def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg,
     import mmdit.pipeline
     from mmdit.toy import evaluate
 
+    class SixBlocks(torch.nn.Identity):
+        config = types.SimpleNamespace(depth=6)
+
     used = []
     pipe = types.SimpleNamespace(shift=1.0, default_side=64)
     devices = []
     monkeypatch.setattr(mmdit.pipeline.SD3Pipeline, "load",
                         classmethod(lambda cls, path, no_t5=False, device="cpu": devices.append(device) or pipe))
     monkeypatch.setattr(mmdit.checkpoint, "load_mmdit",
-                        lambda weights, dtype=None: devices.append(dtype) or torch.nn.Identity())
+                        lambda weights, dtype=None: devices.append(dtype) or SixBlocks())
     monkeypatch.setattr(evaluate, "made_with", lambda *args: {})
     monkeypatch.setattr(mmdit.eval.geneval, "generate",
                         lambda prompts, outdir, p, settings, **kw: used.append(settings))
@@ -197,8 +217,18 @@ def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg,
 
     monkeypatch.setattr(mmdit.eval.geneval, "score", fake_score)
     (tmp_path / "out").mkdir()
-    evaluate.score_weights(tmp_path / "w.safetensors", tmp_path, tmp_path / "out", 1, False, cfg=cfg, device="meta")
-    assert [s.cfg for s in used] == [expected] and evaluate.TOY_CFG == 2.0
+    if recommended:
+        (tmp_path / "mmdit_sampling.json").write_text(recommended)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            evaluate.score_weights(tmp_path / "w.safetensors", tmp_path, tmp_path / "out", 1, False,
+                                   slg_layers=layers)
+        assert used == []
+        return
+    scores = evaluate.score_weights(tmp_path / "w.safetensors", tmp_path, tmp_path / "out", 1, False, cfg=cfg,
+                                    device="meta", shift=shift, slg_layers=layers)
+    assert [(s.cfg, s.shift, s.slg_layers, s.slg_scale) for s in used] == [expected] and evaluate.TOY_CFG == 2.0
+    assert (scores["shift"], tuple(scores["slg_layers"])) == expected[1:3]
     assert devices == ["meta", torch.float32]   # the pipeline on the device asked for; the MM-DiT read as fp32
 
 
@@ -206,6 +236,10 @@ def test_score_weights_samples_at_the_guidance_asked(tmp_path, monkeypatch, cfg,
                                             (["--cfg", "-1"], "--cfg must be a finite number in [0, 100]"),
                                             (["--cfg", "101"], "--cfg must be a finite number in [0, 100]"),
                                             (["--cfg", "inf"], "--cfg must be a finite number in [0, 100]"),
+                                            (["--shift", "0"], "--shift must be a finite number in (0, 100]"),
+                                            (["--shift", "nan"], "--shift must be a finite number in (0, 100]"),
+                                            (["--shift", "101"], "--shift must be a finite number in (0, 100]"),
+                                            (["--slg-layers", "-1"], "--slg-layers must be block indices >= 0"),
                                             (["--device", "tpu"], "unknown --device 'tpu'; accepted: cpu, cuda"),
                                             (["--device", "cuda"], "--device cuda asked for, but no CUDA device")])
 def test_evaluate_refuses_a_guidance_or_device_it_cannot_use(tmp_path, capsys, monkeypatch, flags, message):
@@ -230,7 +264,8 @@ def test_evaluate_scores_a_pipeline_into_the_folder_given(tmp_path, monkeypatch,
     (pipeline / "transformer").mkdir(parents=True)
     (pipeline / "model_index.json").write_text("{}")
 
-    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28, device="cpu"):
+    def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28, device="cpu",
+                   shift=None, slg_layers=None):
         calls.append((weights, components, outdir, device))
         outdir.mkdir(parents=True)
         (outdir / "results.jsonl").write_text("")

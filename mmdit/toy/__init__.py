@@ -14,3 +14,8 @@ from pathlib import Path
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "toy_pipeline"   # the trained toy pipeline, shipped
 TOY_CFG = 2.0   # the toy pipelines' guidance: SD3's 7 darkens their colours and tints their background
+# Skip-layer guidance (SD3.5 Medium's, on its blocks 7-9 of 24) on the toy MM-DiT's blocks 2 and 3 of 6: in the first
+# steps, where each object's shape and place are decided, it pushes away from what the model draws without them,
+# and the recipe's squares and triangles stop melting into rounded blobs (README, "Measured").
+TOY_SLG_LAYERS = (2, 3)
+TOY_SAMPLING = {"cfg": TOY_CFG, "slg_layers": list(TOY_SLG_LAYERS)}   # every toy pipeline's mmdit_sampling.json

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mmdit.testing import tiny_components
-from mmdit.toy import TOY_CFG
+from mmdit.toy import TOY_SAMPLING
 
 
 def toy_vae(side: int = 64):
@@ -184,7 +184,7 @@ def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae
     StableDiffusion3Pipeline(**components).save_pretrained(path)
     for folder in ("tokenizer", "tokenizer_2"):
         slim_clip_tokenizer(path / folder)
-    (path / SAMPLING_DEFAULTS_FILE).write_text(json.dumps({"cfg": TOY_CFG}) + "\n")   # copied into every export
+    (path / SAMPLING_DEFAULTS_FILE).write_text(json.dumps(TOY_SAMPLING) + "\n")   # copied into every export
     return path
 
 

@@ -4,15 +4,16 @@ apart, as a table and a learning curve (score against samples seen).
     python3 -m mmdit.toy.evaluate runs/toy --samples-per-prompt 16        # every checkpoint, then the export
     python3 -m mmdit.toy.evaluate runs/toy --only-export --no-t5
     python3 -m mmdit.toy.evaluate runs/toy --only-export --cfg 3          # another guidance scale, its own files
+    python3 -m mmdit.toy.evaluate runs/toy --only-export --shift 3        # another sampling shift, its own files
     python3 -m mmdit.toy.evaluate mmdit/toy_pipeline --out eval/bundled    # a pipeline: its own MM-DiT and components
 
 Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with the
-sampling defaults of the bundled model (28 Euler steps, CFG 2; --cfg another scale), and the toy detector judges
-it. Per attribute: shape = single and two objects, colour = colours, count = counting, position = position,
-binding = colour attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curve_no_t5.* with
---no-t5; with --cfg 3, curve_t5_cfg3.* and the like), and RUN/eval/drawn_t5.md: for each held-out prompt of
-the last model scored, what the detector read in its images (the objects' colours and shapes), most common first,
-which tells a wrong colour from a swapped one.
+sampling defaults of the bundled model (28 Euler steps, CFG 2, the pipeline's shift; --cfg another scale, --shift
+another shift), and the toy detector judges it. Per attribute: shape = single and two objects, colour = colours,
+count = counting, position = position, binding = colour attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json,
+.md and .png (curve_no_t5.* with --no-t5; with --cfg 3, curve_t5_cfg3.*, with --shift 3, curve_t5_shift3.* and the
+like), and RUN/eval/drawn_t5.md: for each held-out prompt of the last model scored, what the detector read in its
+images (the objects' colours and shapes), most common first, which tells a wrong colour from a swapped one.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mmdit.cli import Parser, fail
-from mmdit.config import MAX_GUIDANCE
-from mmdit.sampling_cli import DEVICE_PATTERN, device_and_dtype
+from mmdit.cli import Parser, UsageError, fail
+from mmdit.config import MAX_GUIDANCE, MAX_SHIFT
+from mmdit.sampling_cli import DEVICE_PATTERN, device_and_dtype, sampling_defaults
 from mmdit.toy import TOY_CFG
 
 TASKS_BY_ATTRIBUTE = {"shape": ("single_object", "two_object"), "colour": ("colors",), "count": ("counting",),
@@ -51,9 +52,12 @@ def attribute_scores(results: list[dict]) -> dict:
 
 
 def score_weights(weights: Path, components: Path, outdir: Path, samples_per_prompt: int, no_t5: bool,
-                  cfg: float | None = None, steps: int = 28, device: str = "cpu") -> dict:
+                  cfg: float | None = None, steps: int = 28, device: str = "cpu", shift: float | None = None,
+                  slg_layers: list[int] | None = None) -> dict:
     """Toy GenEval of one MM-DiT (any format load_mmdit reads) inside the components' pipeline, in fp32 on
-    device (the starting noise is drawn on the CPU, so a GPU draws the same pictures up to rounding)."""
+    device (the starting noise is drawn on the CPU, so a GPU draws the same pictures up to rounding). cfg,
+    slg_layers None: the components' sampling defaults (their mmdit_sampling.json); shift None: their scheduler's.
+    The scores per split, and the shift and skip-layer guidance sampled with."""
     import torch
 
     from mmdit.checkpoint import load_mmdit
@@ -68,14 +72,22 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     prompts.write_text("".join(json.dumps(p) + "\n" for p in evaluation_prompts()))
     pipe = SD3Pipeline.load(components, no_t5=no_t5, device=device)
     pipe.transformer = load_mmdit(weights, dtype=torch.float32).eval().to(device)
-    settings = Settings(steps=steps, cfg=TOY_CFG if cfg is None else cfg, shift=pipe.shift, width=pipe.default_side,
-                        height=pipe.default_side)
+    recommended = sampling_defaults(components, cfg_otherwise=TOY_CFG)
+    settings = Settings(steps=steps, cfg=recommended["cfg"] if cfg is None else cfg,
+                        shift=pipe.shift if shift is None else shift, width=pipe.default_side,
+                        height=pipe.default_side, slg_scale=recommended["slg_scale"],
+                        slg_layers=recommended["slg_layers"] if slg_layers is None else slg_layers)
+    outside = [i for i in settings.slg_layers if i >= pipe.transformer.config.depth]
+    if outside:
+        raise ValueError(f"skip-layer guidance blocks {outside} lie outside the MM-DiT's blocks "
+                         f"0..{pipe.transformer.config.depth - 1}")
     record = made_with(weights, components, no_t5)
     # overwrite: images of these very weights and settings are kept (a rerun only scores again), others replaced
     generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
              record=record, overwrite=True)
     results = score(outdir, ToyDetector(), outdir / "results.jsonl")
-    return attribute_scores([json.loads(line) for line in results.read_text().splitlines()])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    return {"shift": settings.shift, "slg_layers": list(settings.slg_layers), **attribute_scores(rows)}
 
 
 def readings(image, detector) -> str:
@@ -207,8 +219,14 @@ def main(argv=None):
     p.add_argument("--only-export", action="store_true", help="score export/ema.safetensors only")
     p.add_argument("--steps", type=int, nargs="*", default=None, help="only the checkpoints of these steps (and "
                    "the export; default: every checkpoint)")
-    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the toy "
-                   f"pipelines' {TOY_CFG:g}); another one writes its own files, e.g. eval/curve_t5_cfg3.md")
+    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale, 0 to {MAX_GUIDANCE} (default: the "
+                   f"components' own, {TOY_CFG:g} for the toy pipelines); another one writes its own files, e.g. "
+                   f"eval/curve_t5_cfg3.md")
+    p.add_argument("--slg-layers", type=int, nargs="*", default=None, help="skip-layer guidance blocks; the flag "
+                   "alone turns it off (default: the components' own); others write their own files, e.g. "
+                   "eval/curve_t5_slg2-3.md, eval/curve_t5_noslg.md")
+    p.add_argument("--shift", type=float, default=None, help=f"sampling shift, in (0, {MAX_SHIFT}] (default: the "
+                   "pipeline's scheduler shift); another one writes its own files, e.g. eval/curve_t5_shift3.md")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda when "
                    "present, else cpu); fp32 on any")
     args = p.parse_args(argv)
@@ -219,6 +237,10 @@ def main(argv=None):
         fail(p.prog, f"--samples-per-prompt must be >= 1, got {args.samples_per_prompt}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_GUIDANCE):
         fail(p.prog, f"--cfg must be a finite number in [0, {MAX_GUIDANCE}], got {args.cfg}")
+    if args.shift is not None and not (math.isfinite(args.shift) and 0 < args.shift <= MAX_SHIFT):
+        fail(p.prog, f"--shift must be a finite number in (0, {MAX_SHIFT}], got {args.shift}")
+    if args.slg_layers is not None and not all(i >= 0 for i in args.slg_layers):
+        fail(p.prog, f"--slg-layers must be block indices >= 0, got {args.slg_layers}")
     if (run / "model_index.json").is_file():   # a pipeline: one model, no checkpoints, no steps
         if args.out is None:
             fail(p.prog, f"{run} is a pipeline: give --out DIR for its images and tables (none go inside it)")
@@ -232,16 +254,25 @@ def main(argv=None):
         device = str(device_and_dtype(argparse.Namespace(device=args.device, dtype="fp32"))[0])
     except ValueError as e:
         fail(p.prog, str(e))
+    try:
+        recommended = sampling_defaults(components, cfg_otherwise=TOY_CFG)
+    except UsageError as e:
+        fail(p.prog, str(e))
     rows, seen_steps = [], set()
-    cfg = TOY_CFG if args.cfg is None else args.cfg
-    tag = ("no_t5" if args.no_t5 else "t5") + ("" if cfg == TOY_CFG else f"_cfg{cfg:g}")
+    cfg = recommended["cfg"] if args.cfg is None else args.cfg
+    layers = recommended["slg_layers"] if args.slg_layers is None else args.slg_layers
+    tag = (("no_t5" if args.no_t5 else "t5") + ("" if cfg == recommended["cfg"] else f"_cfg{cfg:g}")
+           + ("" if args.shift is None else f"_shift{args.shift:g}")
+           + ("" if layers == recommended["slg_layers"] else
+              f"_slg{'-'.join(map(str, layers))}" if layers else "_noslg"))
     for step, weights in targets:
         if step in seen_steps:
             continue
         seen_steps.add(step)
         try:
             scores = score_weights(weights, components, out / f"{tag}_step_{step:08d}",
-                                   args.samples_per_prompt, args.no_t5, cfg=cfg, device=device)
+                                   args.samples_per_prompt, args.no_t5, cfg=cfg, device=device, shift=args.shift,
+                                   slg_layers=layers)
         except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
             fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         rows.append({"step": step, "samples": step * batch, "cfg": cfg, **scores})
