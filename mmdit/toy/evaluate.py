@@ -5,15 +5,18 @@ apart, as a table and a learning curve (score against samples seen).
     python3 -m mmdit.toy.evaluate runs/toy --only-export --no-t5
     python3 -m mmdit.toy.evaluate runs/toy --only-export --cfg 3          # another guidance scale, its own files
     python3 -m mmdit.toy.evaluate runs/toy --only-export --shift 3        # another sampling shift, its own files
+    python3 -m mmdit.toy.evaluate runs/toy --only-export --slg-layers     # without skip-layer guidance, likewise
     python3 -m mmdit.toy.evaluate mmdit/toy_pipeline --out eval/bundled    # a pipeline: its own MM-DiT and components
 
-Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with the
-sampling defaults of the bundled model (28 Euler steps, CFG 2, the pipeline's shift; --cfg another scale, --shift
-another shift), and the toy detector judges it. Per attribute: shape = single and two objects, colour = colours,
-count = counting, position = position, binding = colour attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json,
-.md and .png (curve_no_t5.* with --no-t5; with --cfg 3, curve_t5_cfg3.*, with --shift 3, curve_t5_shift3.* and the
-like), and RUN/eval/drawn_t5.md: for each held-out prompt of the last model scored, what the detector read in its
-images (the objects' colours and shapes), most common first, which tells a wrong colour from a swapped one.
+Each checkpoint's EMA goes into the run's own components (train.sample_model), samples GenEval's layout with their
+sampling defaults (28 Euler steps, the scheduler's shift, and their mmdit_sampling.json: CFG 2 and skip-layer
+guidance on blocks 2 and 3 for the toy pipelines; --cfg, --shift and --slg-layers another), and the toy detector
+judges it. Per attribute: shape = single and two objects, colour = colours, count = counting, position = position,
+binding = colour attribution (GenEval's tasks). Writes RUN/eval/curve_t5.json, .md and .png (curve_no_t5.* with
+--no-t5; with --cfg 3, curve_t5_cfg3.*, with --shift 3, curve_t5_shift3.*, with --slg-layers alone,
+curve_t5_noslg.* and the like), and RUN/eval/drawn_t5.md: for each held-out prompt of the last model scored, what the
+detector read in its images (the objects' colours and shapes), most common first, which tells a wrong colour from a
+swapped one.
 """
 
 from __future__ import annotations
