@@ -187,7 +187,8 @@ OPTIMIZERS = ("adamw", "muon")   # muon: Muon on the blocks' matrices, AdamW on 
 SHARD_DTYPES = ("float16", "bfloat16")   # how shards store tensors (mmdit.shards)
 
 
-# A pipeline directory may carry its own sampling defaults in this file ({"cfg": 2.0}); diffusers ignores it.
+# A pipeline directory may carry its own sampling defaults in this file ({"cfg": 2.0, "slg_layers": [2, 3]}; the
+# keys: mmdit.sampling_cli.sampling_defaults); diffusers ignores it.
 SAMPLING_DEFAULTS_FILE = "mmdit_sampling.json"
 
 

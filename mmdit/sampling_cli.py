@@ -69,11 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, seed: int, batch_size: int
 
 def check_arguments(args: argparse.Namespace, images: int):
     """Every shared value checked before any work: ranges, finiteness, files that must exist. images: how many
-    this run makes (their seeds must fit). Fills in the bundled model and its guidance when none is given. Raises
+    this run makes (their seeds must fit). Fills in the bundled model and the model folder's recommended guidance
+    and skip-layer guidance where no flag gives them (args.slg_recommended: the blocks came from its file). Raises
     UsageError naming the flag."""
     if images < 1:
         raise UsageError(f"nothing to make: {images} images")
     recommended = sampling_defaults(args.model)
+    args.slg_recommended = args.slg_layers is None
     for name in ("cfg", "slg_layers", "slg_scale"):
         if getattr(args, name) is None:
             setattr(args, name, recommended[name])
@@ -146,7 +148,7 @@ def sampling_defaults(model, cfg_otherwise: float = SD3_CFG) -> dict:
     except ValueError:
         recorded = None
     if not isinstance(recorded, dict):
-        raise UsageError(f"{defaults} is not a JSON object like {{\"cfg\": 2.0}}")
+        raise UsageError(f"{defaults} is not a JSON object like {{\"cfg\": 2.0, \"slg_layers\": [2, 3]}}")
     unknown = sorted(set(recorded) - set(values))
     if unknown:
         raise UsageError(f"{defaults}: unknown key {unknown[0]!r}; accepted: {', '.join(values)}")
@@ -211,7 +213,9 @@ def load_pipeline(args: argparse.Namespace, device, dtype):
     depth = pipe.transformer.config.depth
     outside = [i for i in settings.slg_layers if i >= depth]
     if outside:
-        raise UsageError(f"--slg-layers {outside} lie outside blocks 0..{depth - 1}")
+        source = (f"the skip-layer guidance blocks {outside} that {args.model}/{SAMPLING_DEFAULTS_FILE} recommends"
+                  if getattr(args, "slg_recommended", False) else f"--slg-layers {outside}")
+        raise UsageError(f"{source} lie outside blocks 0..{depth - 1} (--slg-layers chooses others; alone, none)")
     pipe.vae.memory_saving(slicing=True, tiling=args.vae_tiling)
     return pipe, settings
 

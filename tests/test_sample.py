@@ -224,6 +224,23 @@ def test_more_bad_options(tiny_pipeline, tmp_path, capsys, extra, match):
     assert re.search(match, err) and not (tmp_path / "a.png").exists()
 
 
+def test_recommended_blocks_the_model_lacks_are_named_as_the_folders(tiny_pipeline, tmp_path, capsys):
+    """Skip-layer guidance a model folder recommends but its MM-DiT lacks fails with one line that names the file,
+    not a flag the user never typed; --slg-layers overrides it."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    (model / "mmdit_sampling.json").write_text('{"slg_layers": [5]}')
+    err = run_failing(["--model", str(model), "--prompt", "x", "--out", str(tmp_path / "a.png"), *COMMON],
+                      capsys, tmp_path)
+    assert "blocks [5] that" in err and "mmdit_sampling.json recommends lie outside blocks 0..1" in err
+    assert not (tmp_path / "a.png").exists()
+    sample_cli.main(["--model", str(model), "--prompt", "x", "--out", str(tmp_path / "b.png"), *COMMON,
+                     "--slg-layers"])
+    assert json.loads(Image.open(tmp_path / "b.png").text["parameters"])["slg_layers"] == []
+
+
 def test_out_is_a_directory_and_prompts_file_not_text(tiny_pipeline, tmp_path, capsys):
     (tmp_path / "taken.png").mkdir()
     err = run_failing(["--model", str(tiny_pipeline), "--prompt", "x", "--out", str(tmp_path / "taken.png")],

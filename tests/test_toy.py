@@ -237,7 +237,8 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
     out = tmp_path / "geneval"
     geneval(["generate", "--metadata", str(prompts), "--outdir", str(out), "--model", str(exported),
              "--samples-per-prompt", "2", "--steps", "2"])
-    assert json.loads((out / "config.json").read_text())["width"] == 64
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["width"] == 64 and recorded["slg_layers"] == [2, 3]   # the export's recommended guidance
     geneval(["score", str(out), "--detector", "toy"])
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 8 and summarize(results)["images"] == 8
@@ -270,6 +271,7 @@ def test_the_bundled_model_is_the_default_and_small(tmp_path):
     drawn = [json.loads(Image.open(tmp_path / f).text["parameters"]) for f in ("a.png", "b.png")]
     assert drawn[0]["cfg"] == TOY_CFG == 2.0 and drawn[0]["slg_layers"] == [2, 3] and drawn[1]["slg_layers"] == []
     assert json.loads((BUNDLED_MODEL / SAMPLING_DEFAULTS_FILE).read_text()) == TOY_SAMPLING
+
     def default_cfg(model, **otherwise):
         return sampling_defaults(model, **otherwise)["cfg"]
 
@@ -304,7 +306,8 @@ def test_the_bundled_model_as_a_stability_single_file_draws_the_same(tmp_path):
     single = tmp_path / "toy_incl_clips_t5.safetensors"
     export_single_file(BUNDLED_MODEL, single)
     sample = load_entry_point("sample.py")
-    common = ["--prompt", "a photo of a red circle", "--steps", "4", "--seed", "3", "--dtype", "fp32", "--cfg", "2"]
+    common = ["--prompt", "a photo of a red circle", "--steps", "4", "--seed", "3", "--dtype", "fp32", "--cfg", "2",
+              "--slg-layers", "2", "3"]   # the single file carries no sampling defaults: both sample alike
     sample.main([*common, "--out", str(tmp_path / "dir.png")])
     sample.main([*common, "--model", str(single), "--t5-tokenizer", str(BUNDLED_MODEL / "tokenizer_3"),
                  "--out", str(tmp_path / "file.png")])

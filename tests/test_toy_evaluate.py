@@ -150,7 +150,7 @@ def fake_run(tmp_path):
     return run
 
 
-def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkeypatch):
+def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkeypatch, capsys):
     """--cfg samples at that guidance and writes beside, not over, the default's images and curve."""
     from mmdit.toy import evaluate
 
@@ -158,7 +158,7 @@ def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkey
 
     def fake_score(weights, components, outdir, samples_per_prompt, no_t5, cfg=None, steps=28, device="cpu",
                    shift=None, slg_layers=None):
-        calls.append((outdir.name, cfg, shift))
+        calls.append((outdir.name, cfg, shift) if slg_layers is None else (outdir.name, cfg, shift, slg_layers))
         outdir.mkdir(parents=True)
         (outdir / "results.jsonl").write_text("")
         return evaluate.attribute_scores([])
@@ -174,8 +174,18 @@ def test_evaluate_scores_at_another_guidance_into_its_own_files(tmp_path, monkey
     assert calls[-1] == ("t5_shift3_step_00000010", evaluate.TOY_CFG, 3.0)
     assert (run / "eval" / "curve_t5_shift3.md").is_file() and not (run / "eval" / "curve_t5.md").exists()
     evaluate.main([str(run), "--only-export", "--slg-layers", "2", "3"])   # skip-layer guidance the components lack
-    assert calls[-1] == ("t5_slg2-3_step_00000010", evaluate.TOY_CFG, None)
+    assert calls[-1] == ("t5_slg2-3_step_00000010", evaluate.TOY_CFG, None, [2, 3])
     assert (run / "eval" / "curve_t5_slg2-3.md").is_file() and not (run / "eval" / "curve_t5.md").exists()
+    # components that recommend blocks 2 and 3 (as the toy ones do): those are the default files; none is its own
+    (tmp_path / "components" / "mmdit_sampling.json").write_text('{"cfg": 2.0, "slg_layers": [2, 3]}')
+    evaluate.main([str(run), "--only-export", "--slg-layers", "2", "3"])
+    evaluate.main([str(run), "--only-export", "--slg-layers"])
+    assert calls[-2:] == [("t5_step_00000010", 2.0, None, [2, 3]), ("t5_noslg_step_00000010", 2.0, None, [])]
+    assert (run / "eval" / "curve_t5_noslg.md").is_file()
+    (tmp_path / "components" / "mmdit_sampling.json").write_text('{"slg_layers": [-2]}')
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), "--only-export"])
+    assert e.value.code == 2 and "slg_layers must be a list of block indices" in capsys.readouterr().err
 
 
 RECOMMENDED = '{"cfg": 2.5, "slg_layers": [2], "slg_scale": 2.0}'
@@ -185,6 +195,7 @@ RECOMMENDED = '{"cfg": 2.5, "slg_layers": [2], "slg_scale": 2.0}'
     (None, None, None, None, (2.0, 1.0, (), 2.8)),                 # no sampling file: the toy guidance, no SLG
     (RECOMMENDED, None, None, None, (2.5, 1.0, (2,), 2.0)),        # the components' own
     (RECOMMENDED, 3.5, 3.0, [], (3.5, 3.0, (), 2.0)),              # flags win; an empty list turns SLG off
+    ('{"slg_layers": [4, 6]}', None, None, None, (2.0, 1.0, (4,), 2.8)),   # recommended blocks it lacks: left out
     (RECOMMENDED, None, None, [6], "blocks [6] lie outside the MM-DiT's blocks 0..5")])
 def test_score_weights_samples_with_the_settings_asked(tmp_path, monkeypatch, recommended, cfg, shift, layers,
                                                        expected):

@@ -76,14 +76,15 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     pipe = SD3Pipeline.load(components, no_t5=no_t5, device=device)
     pipe.transformer = load_mmdit(weights, dtype=torch.float32).eval().to(device)
     recommended = sampling_defaults(components, cfg_otherwise=TOY_CFG)
+    depth = pipe.transformer.config.depth
+    if slg_layers is None:   # recommended blocks a shallower model lacks are left out, as train.py's export does
+        slg_layers = [i for i in recommended["slg_layers"] if i < depth]
     settings = Settings(steps=steps, cfg=recommended["cfg"] if cfg is None else cfg,
                         shift=pipe.shift if shift is None else shift, width=pipe.default_side,
-                        height=pipe.default_side, slg_scale=recommended["slg_scale"],
-                        slg_layers=recommended["slg_layers"] if slg_layers is None else slg_layers)
-    outside = [i for i in settings.slg_layers if i >= pipe.transformer.config.depth]
+                        height=pipe.default_side, slg_scale=recommended["slg_scale"], slg_layers=slg_layers)
+    outside = [i for i in settings.slg_layers if i >= depth]
     if outside:
-        raise ValueError(f"skip-layer guidance blocks {outside} lie outside the MM-DiT's blocks "
-                         f"0..{pipe.transformer.config.depth - 1}")
+        raise ValueError(f"skip-layer guidance blocks {outside} lie outside the MM-DiT's blocks 0..{depth - 1}")
     record = made_with(weights, components, no_t5)
     # overwrite: images of these very weights and settings are kept (a rerun only scores again), others replaced
     generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
@@ -275,7 +276,7 @@ def main(argv=None):
         try:
             scores = score_weights(weights, components, out / f"{tag}_step_{step:08d}",
                                    args.samples_per_prompt, args.no_t5, cfg=cfg, device=device, shift=args.shift,
-                                   slg_layers=layers)
+                                   slg_layers=args.slg_layers)
         except (ValueError, OSError) as e:   # a corrupt checkpoint, a model the components do not fit
             fail(p.prog, f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         rows.append({"step": step, "samples": step * batch, "cfg": cfg, **scores})
