@@ -155,6 +155,7 @@ def export_pipeline(transformer: Path, base: Path, target: Path, depth: int):
     twice), written beside and renamed into place. Skip-layer guidance that base recommends for blocks this
     depth-`depth` MM-DiT lacks (a shallower model than base's) is left out of the copy's defaults."""
     from mmdit.config import SAMPLING_DEFAULTS_FILE
+    from mmdit.sampling_cli import sampling_defaults
 
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -163,9 +164,9 @@ def export_pipeline(transformer: Path, base: Path, target: Path, depth: int):
     defaults = tmp / SAMPLING_DEFAULTS_FILE
     if defaults.is_file():   # checked by sampling_defaults at the run's start
         recorded = json.loads(defaults.read_text())
-        layers = recorded.get("slg_layers", [])
-        if any(i >= depth for i in layers):
-            recorded["slg_layers"] = [i for i in layers if i < depth]
+        layers, fitting = recorded.get("slg_layers", []), sampling_defaults(tmp, depth=depth)["slg_layers"]
+        if layers != fitting:
+            recorded["slg_layers"] = fitting
             defaults.write_text(json.dumps(recorded) + "\n")
             print(f"export: {base}'s skip-layer guidance blocks {layers} do not all exist in this {depth}-block "
                   f"model; the pipeline recommends {recorded['slg_layers']}", file=sys.stderr)
@@ -282,10 +283,10 @@ def sample_grid(ema, conditioning, cfg, side: int):
     text, vae = conditioning
     pipe = SD3Pipeline(ema, vae, text, scheduler_shift(cfg.train.sample_model))
     prompts = list(cfg.train.sample_prompts)
-    recommended = sampling_defaults(cfg.train.sample_model, cfg_otherwise=5.0)   # the model folder's own, if any
+    # the model folder's own guidance, if it names any, for the blocks this model has
+    recommended = sampling_defaults(cfg.train.sample_model, cfg_otherwise=5.0, depth=ema.config.depth)
     settings = Settings(steps=cfg.train.sample_steps, cfg=recommended["cfg"], width=side, height=side,
-                        slg_layers=[i for i in recommended["slg_layers"] if i < ema.config.depth],
-                        slg_scale=recommended["slg_scale"])
+                        slg_layers=recommended["slg_layers"], slg_scale=recommended["slg_scale"])
     images = pipe.generate(prompts, list(range(len(prompts))), settings)
     return images.transpose(1, 0, 2, 3).reshape(side, side * len(prompts), 3)
 

@@ -130,11 +130,12 @@ def settings_from(args: argparse.Namespace, shift: float | None, side: int) -> S
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
 
 
-def sampling_defaults(model, cfg_otherwise: float = SD3_CFG) -> dict:
+def sampling_defaults(model, cfg_otherwise: float = SD3_CFG, depth: int | None = None) -> dict:
     """The sampling values a pipeline folder recommends in its mmdit_sampling.json, for the flags left unset: cfg
     (else cfg_otherwise, SD3's), slg_layers (else none) and slg_scale (else Settings'). The toy pipelines carry
     one: guidance that suits SD3 darkens their colours, and skip-layer guidance sharpens their shapes. model None:
-    the bundled model."""
+    the bundled model. depth: the blocks of the MM-DiT that will sample (a run's, which may be shallower than the
+    folder's own); recommended blocks beyond them are left out."""
     import json
 
     values = {"cfg": cfg_otherwise, "slg_layers": [], "slg_scale": Settings.slg_scale}
@@ -165,6 +166,8 @@ def sampling_defaults(model, cfg_otherwise: float = SD3_CFG) -> dict:
     if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                for i in layers):
         raise UsageError(f"{defaults}: slg_layers must be a list of block indices (integers >= 0), got {layers!r}")
+    if depth is not None:
+        values["slg_layers"] = [i for i in layers if i < depth]
     return values
 
 

@@ -285,6 +285,7 @@ def test_the_bundled_model_is_the_default_and_small(tmp_path):
     assert sampling_defaults(tmp_path) == {"cfg": 3.0, "slg_layers": [], "slg_scale": 2.8}
     (tmp_path / SAMPLING_DEFAULTS_FILE).write_text('{"cfg": 3, "slg_layers": [1, 2], "slg_scale": 2}')
     assert sampling_defaults(tmp_path) == {"cfg": 3.0, "slg_layers": [1, 2], "slg_scale": 2.0}
+    assert sampling_defaults(tmp_path, depth=2)["slg_layers"] == [1]   # a shallower model: the blocks it has
     for text, problem in (("[2]", "not a JSON object"), ('{"cfg": "high"}', "cfg must be a number"),
                           ('{"cfg": 1e400}', "must be a number"), ("{", "not a JSON object"),
                           ('{"cfg": ' + "9" * 400 + "}", "must be a number"), ('{"cfgg": 2}', "unknown key 'cfgg'"),

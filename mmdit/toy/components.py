@@ -111,6 +111,9 @@ def _splice(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask * x + (1 - mask) * x.roll(1, 0)
 
 
+WORST_BACKGROUND_PIXELS = 16   # per picture: a mark of a few pixels, not the blurred rim of an object
+
+
 def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float,
                     worst_background_weight: float = 0.0) -> torch.Tensor:
     """L1 + L2 with objects (and a rim around them) weighted up: they are a few percent of the pixels, and without
@@ -129,9 +132,6 @@ def _weighted_error(recon: torch.Tensor, x: torch.Tensor, object_weight: float,
         worst = away.topk(min(WORST_BACKGROUND_PIXELS, away.shape[1]), dim=1).values
         loss = loss + worst_background_weight * worst.mean() / 3
     return loss
-
-
-WORST_BACKGROUND_PIXELS = 16
 
 
 # The decoder's second phase (train_vae with decoder_only): the first phase weights objects up, or the decoder stays

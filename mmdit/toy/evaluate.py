@@ -75,13 +75,12 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
     prompts.write_text("".join(json.dumps(p) + "\n" for p in evaluation_prompts()))
     pipe = SD3Pipeline.load(components, no_t5=no_t5, device=device)
     pipe.transformer = load_mmdit(weights, dtype=torch.float32).eval().to(device)
-    recommended = sampling_defaults(components, cfg_otherwise=TOY_CFG)
-    depth = pipe.transformer.config.depth
-    if slg_layers is None:   # recommended blocks a shallower model lacks are left out, as train.py's export does
-        slg_layers = [i for i in recommended["slg_layers"] if i < depth]
+    depth = pipe.transformer.config.depth   # recommended blocks a shallower model lacks are left out, as in an export
+    recommended = sampling_defaults(components, cfg_otherwise=TOY_CFG, depth=depth)
     settings = Settings(steps=steps, cfg=recommended["cfg"] if cfg is None else cfg,
                         shift=pipe.shift if shift is None else shift, width=pipe.default_side,
-                        height=pipe.default_side, slg_scale=recommended["slg_scale"], slg_layers=slg_layers)
+                        height=pipe.default_side, slg_scale=recommended["slg_scale"],
+                        slg_layers=recommended["slg_layers"] if slg_layers is None else slg_layers)
     outside = [i for i in settings.slg_layers if i >= depth]
     if outside:
         raise ValueError(f"skip-layer guidance blocks {outside} lie outside the MM-DiT's blocks 0..{depth - 1}")
