@@ -25,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mmdit.cli import Parser
@@ -43,6 +43,25 @@ def get_lr(step: int, base_lr: float, warmup_steps: int, cooldown_steps: int = 0
     if cooldown_steps > 0 and total_steps > 0:   # no run length, nothing to cool down towards
         lr *= min(1.0, max(0, total_steps - step) / min(cooldown_steps, total_steps))
     return lr
+
+
+def budget_probe_steps(steps: int) -> tuple[int, int]:
+    """The steps between which a budgeted run times itself: past the first (compiling, warming caches), and early
+    enough that what it decides still has most of the run to act on."""
+    probe = min(100, max(2, steps // 10))
+    return max(1, probe // 5), probe
+
+
+def budgeted_schedule(steps: int, cooldown_steps: int, step: int, elapsed_s: float, step_s: float,
+                      budget_s: float) -> tuple[int, int]:
+    """(steps, cooldown_steps) for a run at `step`, elapsed_s after its start, whose steps take step_s each, to end
+    its steps within budget_s: unchanged when they fit, else both shortened in the same proportion (the schedule
+    keeps its shape), never to fewer steps than one past this one."""
+    fit = step + int(max(0.0, budget_s - elapsed_s) / step_s)
+    if fit >= steps:
+        return steps, cooldown_steps
+    fit = max(step + 1, fit)
+    return fit, round(cooldown_steps * fit / steps)
 
 
 def update_ema(ema, weights: dict, decay: float):
@@ -356,6 +375,7 @@ class TrainState:
     step: int = 0
     data: object = None         # mmdit.loader.DataPosition: epoch, batches per loader stream, whose turn is next
     tally: object = None        # mmdit.loader.ReadTally: shards that failed, samples skipped
+    budget: dict | None = None  # what train.time_budget_s decided: {"asked", "steps", "cooldown_steps"}
 
 
 def check_shares(sources, cfg, world: int):
@@ -595,6 +615,7 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
         if "torch_rng" in saved:
             torch.set_rng_state(saved["torch_rng"])
         state.step = saved["step"]
+        state.budget = saved.get("budget")
         if "data" in saved:
             state.data, state.tally = DataPosition.from_dict(saved["data"]), ReadTally(saved.get("read"))
         else:   # saved before loader streams were tracked: a batch count, exact while no stream has ended
@@ -614,6 +635,8 @@ def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
     saved = {"step": state.step, "data": state.data.to_dict(), "read": state.tally.to_dict(),
              "generator": state.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "precision": procs.precision, "optimizer": cfg.optim.optimizer}
+    if state.budget is not None:
+        saved["budget"] = state.budget
     lora = bool(cfg.model.lora)   # checked once, at load (ModelSection.lora_spec)
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
                            master_weights(state.raw_model, state.fixed, trained_only=lora), state.ema, state.optimizer,
@@ -707,6 +730,37 @@ def export(cfg, state: TrainState, run_started: float):
             export_pipeline(out / "transformer", base, out / "pipeline", ema.config.depth)
     print(f"exported the EMA weights to {out} ({time.perf_counter() - run_started:.0f} s since start)",
           file=sys.stderr)
+
+
+def with_budget(cfg, budget: dict | None):
+    """The recipe with what train.time_budget_s decided, when it was decided for this recipe's length."""
+    if budget is None or cfg.train.time_budget_s <= 0 or budget["asked"] != cfg.train.steps:
+        return cfg
+    return replace(cfg, train=replace(cfg.train, steps=budget["steps"]),
+                   optim=replace(cfg.optim, cooldown_steps=budget["cooldown_steps"]))
+
+
+def fit_to_budget(cfg, procs: Processes, state: TrainState, elapsed_s: float, step_s: float, out_dir: Path):
+    """Decide, once, how many steps fit train.time_budget_s (every rank alike: the slowest rank's figures), keep
+    the decision in the state (checkpoints carry it, so a resume keeps it) and in config.json; the new recipe."""
+    import torch
+
+    if procs.accelerator is not None:
+        elapsed_s, step_s = procs.accelerator.reduce(torch.tensor([elapsed_s, step_s], device=procs.device),
+                                                     "max").tolist()
+    steps, cooldown = budgeted_schedule(cfg.train.steps, cfg.optim.cooldown_steps, state.step, elapsed_s, step_s,
+                                        cfg.train.time_budget_s)
+    state.budget = {"asked": cfg.train.steps, "steps": steps, "cooldown_steps": cooldown}
+    if procs.rank == 0:
+        verdict = ("all fit" if steps == cfg.train.steps else
+                   f"training {steps} (cool-down {cooldown} of them), not {cfg.train.steps}")
+        print(f"time budget {cfg.train.time_budget_s:g} s: {step_s:.3f} s a step, {elapsed_s:.0f} s spent by step "
+              f"{state.step}; {verdict}", file=sys.stderr)
+        if steps != cfg.train.steps:   # the run folder says what ran
+            recipe = json.loads((out_dir / "config.json").read_text())
+            recipe["train"]["steps"], recipe["optim"]["cooldown_steps"] = steps, cooldown
+            (out_dir / "config.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return with_budget(cfg, state.budget)
 
 
 def announce(cfg, procs: Processes) -> Path:
@@ -847,6 +901,9 @@ def main(argv=None):
     procs = set_up_processes(cfg, resume)
     rank, device, accelerator = procs.rank, procs.device, procs.accelerator
     state = build_state(cfg, procs, resume)
+    if with_budget(cfg, state.budget) is cfg:   # a resume asking another length decides again, if it still can
+        state.budget = None
+    cfg = with_budget(cfg, state.budget)
     out_dir = announce(cfg, procs)   # after the state: a run that cannot start leaves an earlier config.json be
     model, raw_model, optimizer, generator = state.model, state.raw_model, state.optimizer, state.generator
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=procs.precision == "bf16")
@@ -867,6 +924,7 @@ def main(argv=None):
 
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
     started, micro, bad_steps, stopping = time.perf_counter(), 0, 0, False
+    budget_clock = None   # (step, time) where a budgeted run starts timing its steps
     while state.step < cfg.train.steps:
         if epoch_length is not None and position.batches >= epoch_length:   # a resampled epoch is a count
             state.tally.end_epoch()
@@ -932,6 +990,15 @@ def main(argv=None):
         grad_norm = optimizer_step(cfg, procs, state)
         step = state.step
         progress.update(1)
+        if cfg.train.time_budget_s > 0 and state.budget is None:
+            first, probe = budget_probe_steps(cfg.train.steps)
+            if budget_clock is None and first <= step < probe:
+                budget_clock = (step, time.perf_counter())
+            elif budget_clock is not None and step == probe:
+                now = time.perf_counter()
+                step_s = (now - budget_clock[1]) / (step - budget_clock[0])
+                cfg = fit_to_budget(cfg, procs, state, now - run_started, step_s, out_dir)
+                progress.total = cfg.train.steps
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             patch = raw_model.config.patch_size

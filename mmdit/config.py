@@ -343,6 +343,8 @@ class TrainSection:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10              # consecutive non-finite losses before the run stops
     compile: bool = False                # torch.compile the model (nn.Module.compile: weights keep their names)
+    time_budget_s: float = 0.0           # > 0: seconds from the start by which the steps should end; the run measures
+                                         # its step time and shortens itself (steps and cool-down alike) to fit
     deepspeed: str = "configs/deepspeed/zero2.json"   # when several processes run and the launcher names none; "" = DDP
     sample_model: str | None = None      # text encoders + VAE (a pipeline) for image grids at validation
     sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red circle left of a blue square")
@@ -408,6 +410,7 @@ RECIPE_RANGES = {
     "train.steps": (1, INF, False), "train.ema_decay": (0, 1, False), "train.log_every": (1, INF, False),
     "train.val_every": (1, INF, False), "train.val_sigmas": (1, 1000, False), "train.checkpoint_every": (1, INF, False),
     "train.keep_checkpoints": (1, INF, False), "train.max_bad_steps": (1, INF, False),
+    "train.time_budget_s": (0, INF, False),
     "train.sample_steps": (1, MAX_STEPS, False),
 }
 

@@ -437,8 +437,8 @@ def test_toy_geneval_images_are_kept_only_for_the_same_weights_and_components(to
 
 def test_the_bundle_recipe_is_the_toy_recipe_on_more_images_for_longer():
     """configs/toy-bundle.yaml (the bundled model) differs from configs/toy.yaml (`python3 train.py`) only in its
-    length, its EMA's half-life and where it writes: the data, the model, the optimiser and the flow are the
-    recipe's."""
+    length, its EMA's half-life, where it writes and its lack of a time budget (it runs for hours, resumed): the
+    data, the model, the optimiser and the flow are the recipe's."""
     from mmdit.config import config_to_dict, load_config
 
     recipe = config_to_dict(load_config(ROOT / "configs" / "toy.yaml"))
@@ -446,6 +446,7 @@ def test_the_bundle_recipe_is_the_toy_recipe_on_more_images_for_longer():
     differ = {(section, key) for section in recipe for key in recipe[section]
               if recipe[section][key] != bundle[section][key]}
     assert differ == {("optim", "cooldown_steps"), ("train", "steps"), ("train", "out_dir"), ("train", "val_every"),
-                      ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "ema_decay")}
+                      ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "ema_decay"),
+                      ("train", "time_budget_s")}
     assert bundle["train"]["ema_decay"] > recipe["train"]["ema_decay"]   # the EMA's half-life grows with the run
     assert bundle["train"]["steps"] > 4 * recipe["train"]["steps"]

@@ -396,6 +396,42 @@ def test_learning_rate_schedule():
     assert train_cli.get_lr(0, 1.0, 1, 10) == 1.0   # a cool-down without a run length leaves the rate alone
 
 
+def test_a_time_budget_keeps_or_shortens_the_schedule():
+    """Steps that fit are kept; steps that do not are cut to what fits, the cool-down in the same proportion, never
+    to fewer than one more step."""
+    assert train_cli.budgeted_schedule(2750, 1375, 100, 60.0, 0.25, 840.0) == (2750, 1375)   # 100 + 3120 fit
+    assert train_cli.budgeted_schedule(2750, 1375, 100, 60.0, 0.35, 840.0) == (2328, 1164)   # 100 + 2228 fit
+    assert train_cli.budgeted_schedule(2750, 1375, 100, 900.0, 0.35, 840.0) == (101, 50)      # over already
+    assert train_cli.budget_probe_steps(2750) == (20, 100) and train_cli.budget_probe_steps(200) == (4, 20)
+    assert train_cli.budget_probe_steps(3) == (1, 2)
+
+
+def test_a_run_over_its_time_budget_shortens_itself_and_resumes_with_that(shard_dir, tmp_path, capsys):
+    """A budget the run cannot meet: at its probe step it ends its schedule one step later and says so, in the log
+    and in config.json; resumed from a checkpoint after that decision, it keeps it (not the asked length) and ends
+    bit for bit where the unbroken run did."""
+    import shutil
+
+    common = ("train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=1000", "data.batch_size=3",
+              "train.steps=200", "optim.cooldown_steps=100", "train.time_budget_s=0.001")
+    train_cli.main(args(shard_dir, tmp_path / "one", *common))
+    assert "time budget 0.001 s" in capsys.readouterr().err
+    curve = losses(tmp_path / "one")
+    assert max(curve) == 21                                       # probe at step 20 of 200, one more step
+    recipe = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert (recipe["train"]["steps"], recipe["optim"]["cooldown_steps"]) == (21, 10)
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step_00000021")
+    shutil.rmtree(tmp_path / "two" / "export")
+    train_cli.main(args(shard_dir, tmp_path / "two", *common) + ["--resume", "latest"])
+    assert losses(tmp_path / "two") == curve
+    for name in ("model", "ema"):
+        a = load_mmdit(tmp_path / "one" / "checkpoints" / "step_00000021" / f"{name}.safetensors").state_dict()
+        b = load_mmdit(tmp_path / "two" / "checkpoints" / "step_00000021" / f"{name}.safetensors").state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "two" / "checkpoints" / "step_00000022").exists()
+
+
 def test_the_launcher_chooses_the_engine(tmp_path):
     """What accelerate launch says wins over the recipe's train.deepspeed; relative recipe paths resolve from the
     repository, not the working directory; a launch that started fewer processes than asked is refused."""
