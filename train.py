@@ -61,7 +61,7 @@ def budgeted_schedule(steps: int, cooldown_steps: int, step: int, elapsed_s: flo
     if fit >= steps:
         return steps, cooldown_steps
     fit = max(step + 1, fit)
-    return fit, round(cooldown_steps * fit / steps)
+    return fit, max(1, round(cooldown_steps * fit / steps)) if cooldown_steps else 0
 
 
 def update_ema(ema, weights: dict, decay: float):
@@ -375,7 +375,7 @@ class TrainState:
     step: int = 0
     data: object = None         # mmdit.loader.DataPosition: epoch, batches per loader stream, whose turn is next
     tally: object = None        # mmdit.loader.ReadTally: shards that failed, samples skipped
-    budget: dict | None = None  # what train.time_budget_s decided: {"asked", "steps", "cooldown_steps"}
+    budget: dict | None = None  # what train.time_budget_s decided, and for which recipe (fit_to_budget)
 
 
 def check_shares(sources, cfg, world: int):
@@ -732,10 +732,15 @@ def export(cfg, state: TrainState, run_started: float):
           file=sys.stderr)
 
 
-def with_budget(cfg, budget: dict | None):
-    """The recipe with what train.time_budget_s decided, when it was decided for this recipe's length."""
-    if budget is None or cfg.train.time_budget_s <= 0 or budget["asked"] != cfg.train.steps:
-        return cfg
+def budget_applies(cfg, budget: dict | None) -> bool:
+    """Whether a decision of train.time_budget_s was made for this recipe: its length, cool-down and budget."""
+    return (budget is not None and cfg.train.time_budget_s > 0
+            and (budget["asked"], budget.get("asked_cooldown"), budget.get("budget_s"))
+            == (cfg.train.steps, cfg.optim.cooldown_steps, cfg.train.time_budget_s))
+
+
+def with_budget(cfg, budget: dict):
+    """The recipe with what train.time_budget_s decided."""
     return replace(cfg, train=replace(cfg.train, steps=budget["steps"]),
                    optim=replace(cfg.optim, cooldown_steps=budget["cooldown_steps"]))
 
@@ -745,12 +750,14 @@ def fit_to_budget(cfg, procs: Processes, state: TrainState, elapsed_s: float, st
     the decision in the state (checkpoints carry it, so a resume keeps it) and in config.json; the new recipe."""
     import torch
 
-    if procs.accelerator is not None:
-        elapsed_s, step_s = procs.accelerator.reduce(torch.tensor([elapsed_s, step_s], device=procs.device),
-                                                     "max").tolist()
+    if procs.accelerator is not None:   # gathered, not reduced: older accelerate sums whatever reduction is named
+        figures = procs.accelerator.gather(torch.tensor([[elapsed_s, step_s]], dtype=torch.float64,
+                                                        device=procs.device))
+        elapsed_s, step_s = figures.max(dim=0).values.tolist()
     steps, cooldown = budgeted_schedule(cfg.train.steps, cfg.optim.cooldown_steps, state.step, elapsed_s, step_s,
                                         cfg.train.time_budget_s)
-    state.budget = {"asked": cfg.train.steps, "steps": steps, "cooldown_steps": cooldown}
+    state.budget = {"asked": cfg.train.steps, "asked_cooldown": cfg.optim.cooldown_steps,
+                    "budget_s": cfg.train.time_budget_s, "steps": steps, "cooldown_steps": cooldown}
     if procs.rank == 0:
         verdict = ("all fit" if steps == cfg.train.steps else
                    f"training {steps} (cool-down {cooldown} of them), not {cfg.train.steps}")
@@ -761,6 +768,14 @@ def fit_to_budget(cfg, procs: Processes, state: TrainState, elapsed_s: float, st
             recipe["train"]["steps"], recipe["optim"]["cooldown_steps"] = steps, cooldown
             (out_dir / "config.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return with_budget(cfg, state.budget)
+
+
+def budget_window(cfg, first_step: int) -> tuple[int, int]:
+    """The steps after which a budgeted launch starting at first_step starts its clock and decides: the recipe's
+    probe (budget_probe_steps), or as many steps after a resume that came later (all ranks resume alike)."""
+    start, probe = budget_probe_steps(cfg.train.steps)
+    decide = max(probe, first_step + 1 + probe - start)
+    return decide - (probe - start), decide
 
 
 def announce(cfg, procs: Processes) -> Path:
@@ -901,9 +916,10 @@ def main(argv=None):
     procs = set_up_processes(cfg, resume)
     rank, device, accelerator = procs.rank, procs.device, procs.accelerator
     state = build_state(cfg, procs, resume)
-    if with_budget(cfg, state.budget) is cfg:   # a resume asking another length decides again, if it still can
+    if budget_applies(cfg, state.budget):
+        cfg = with_budget(cfg, state.budget)
+    else:   # none yet, or made for another length or budget: this launch decides (budget_window)
         state.budget = None
-    cfg = with_budget(cfg, state.budget)
     out_dir = announce(cfg, procs)   # after the state: a run that cannot start leaves an earlier config.json be
     model, raw_model, optimizer, generator = state.model, state.raw_model, state.optimizer, state.generator
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=procs.precision == "bf16")
@@ -924,7 +940,8 @@ def main(argv=None):
 
     # ---- the loop (a step is grad_accum micro-batches; checkpoints fall between steps) ----
     started, micro, bad_steps, stopping = time.perf_counter(), 0, 0, False
-    budget_clock = None   # (step, time) where a budgeted run starts timing its steps
+    clock_step, decide_step = budget_window(cfg, state.step)
+    clock = None          # when step clock_step ended: a budgeted launch times its steps from there
     while state.step < cfg.train.steps:
         if epoch_length is not None and position.batches >= epoch_length:   # a resampled epoch is a count
             state.tally.end_epoch()
@@ -991,14 +1008,14 @@ def main(argv=None):
         step = state.step
         progress.update(1)
         if cfg.train.time_budget_s > 0 and state.budget is None:
-            first, probe = budget_probe_steps(cfg.train.steps)
-            if budget_clock is None and first <= step < probe:
-                budget_clock = (step, time.perf_counter())
-            elif budget_clock is not None and step == probe:
+            if step == clock_step:
+                clock = time.perf_counter()
+            elif step == decide_step:
                 now = time.perf_counter()
-                step_s = (now - budget_clock[1]) / (step - budget_clock[0])
-                cfg = fit_to_budget(cfg, procs, state, now - run_started, step_s, out_dir)
+                cfg = fit_to_budget(cfg, procs, state, now - run_started, (now - clock) / (step - clock_step),
+                                    out_dir)
                 progress.total = cfg.train.steps
+                progress.refresh()
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             patch = raw_model.config.patch_size

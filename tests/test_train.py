@@ -399,11 +399,18 @@ def test_learning_rate_schedule():
 def test_a_time_budget_keeps_or_shortens_the_schedule():
     """Steps that fit are kept; steps that do not are cut to what fits, the cool-down in the same proportion, never
     to fewer than one more step."""
+    from mmdit.config import load_config
+
     assert train_cli.budgeted_schedule(2750, 1375, 100, 60.0, 0.25, 840.0) == (2750, 1375)   # 100 + 3120 fit
     assert train_cli.budgeted_schedule(2750, 1375, 100, 60.0, 0.35, 840.0) == (2328, 1164)   # 100 + 2228 fit
     assert train_cli.budgeted_schedule(2750, 1375, 100, 900.0, 0.35, 840.0) == (101, 50)      # over already
+    assert train_cli.budgeted_schedule(2750, 10, 100, 900.0, 0.35, 840.0) == (101, 1)       # a cool-down stays one
+    assert train_cli.budgeted_schedule(2750, 0, 100, 900.0, 0.35, 840.0) == (101, 0)        # none stays none
     assert train_cli.budget_probe_steps(2750) == (20, 100) and train_cli.budget_probe_steps(200) == (4, 20)
     assert train_cli.budget_probe_steps(3) == (1, 2)
+    recipe = load_config(ROOT / "configs" / "toy.yaml")
+    assert train_cli.budget_window(recipe, 0) == (20, 100)      # a fresh launch times steps 21-100
+    assert train_cli.budget_window(recipe, 99) == (100, 180)    # a resume just before the probe still times 80
 
 
 def test_a_run_over_its_time_budget_shortens_itself_and_resumes_with_that(shard_dir, tmp_path, capsys):
@@ -415,7 +422,7 @@ def test_a_run_over_its_time_budget_shortens_itself_and_resumes_with_that(shard_
     common = ("train.log_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=1000", "data.batch_size=3",
               "train.steps=200", "optim.cooldown_steps=100", "train.time_budget_s=0.001")
     train_cli.main(args(shard_dir, tmp_path / "one", *common))
-    assert "time budget 0.001 s" in capsys.readouterr().err
+    assert "training 21 (cool-down 10 of them), not 200" in capsys.readouterr().err
     curve = losses(tmp_path / "one")
     assert max(curve) == 21                                       # probe at step 20 of 200, one more step
     recipe = json.loads((tmp_path / "one" / "config.json").read_text())
