@@ -317,6 +317,13 @@ def test_two_processes_with_deepspeed_zero2(tmp_path):
     launch(tmp_path / "two", 8, "--resume", "latest")
     same_run(tmp_path / "one", tmp_path / "two", 8)
 
+    # A time budget no launch can meet: the ranks time their steps, agree on the slowest figures (gathered, so the
+    # same on every accelerate), and both end one step after the probe.
+    launch(tmp_path / "budget", 200, "train.time_budget_s=0.001")
+    ends = [max(records(tmp_path / "budget", name)) for name in ("log.jsonl", "log_rank1.jsonl")]
+    assert ends == [21, 21]
+    assert json.loads((tmp_path / "budget" / "config.json").read_text())["train"]["steps"] == 21
+
     # SIGTERM to the launcher reaches every rank; they agree on the step, save together, and the resumed run
     # continues as if nothing happened.
     import signal
