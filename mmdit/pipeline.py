@@ -71,6 +71,14 @@ class SD3Pipeline:
         if width > largest or height > largest:
             raise ValueError(f"{width}x{height} exceeds this model's position table: sides up to {largest} px")
 
+    def check_skip_layers(self, layers):
+        """Skip-layer guidance on a block the MM-DiT lacks would skip nothing and silently double the
+        conditional pass: refused."""
+        depth = self.transformer.config.depth
+        outside = [i for i in layers if not 0 <= i < depth]
+        if outside:
+            raise ValueError(f"skip-layer guidance blocks {outside} lie outside the MM-DiT's blocks 0..{depth - 1}")
+
     def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
         """diffusers' draw for a list of CPU generators: one (1, C, h, w) randn per seed, in the model dtype."""
         f = self.vae.downsample
@@ -88,6 +96,7 @@ class SD3Pipeline:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         self.check_size(settings.width, settings.height)
+        self.check_skip_layers(settings.slg_layers)
         B, dtype, device = len(prompts), self.dtype, self.device
         context, pooled = self.text.conditioning(prompts, dtype=dtype, device=device)
         cond = {"context": context, "pooled": pooled}

@@ -202,3 +202,15 @@ def test_summary_of_held_out_prompts_only(tmp_path, capsys):
     assert json.loads((tmp_path / "h.json").read_text())["images"] == 1
     main(["summary", str(tmp_path / "results.jsonl"), "--only", "seen", "--json", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text())["overall"] == 0.0
+
+
+def test_the_pipeline_refuses_skip_layer_blocks_its_model_lacks(pipe):
+    """A block past the MM-DiT's depth would skip nothing (the guidance pass would equal the conditional one):
+    generate refuses it before any sampling, and takes the blocks it has."""
+    from mmdit.pipeline import Settings
+
+    depth = pipe.transformer.config.depth
+    with pytest.raises(ValueError, match=rf"blocks \[{depth}\] lie outside the MM-DiT's blocks 0..{depth - 1}"):
+        pipe.generate(["a red car"], [0], Settings(steps=2, cfg=3.0, width=32, height=32, slg_layers=[depth]))
+    image = pipe.generate(["a red car"], [0], Settings(steps=2, cfg=3.0, width=32, height=32, slg_layers=[0]))
+    assert image.shape == (1, 32, 32, 3)

@@ -213,6 +213,7 @@ def test_score_weights_samples_with_the_settings_asked(tmp_path, monkeypatch, re
 
     used = []
     pipe = types.SimpleNamespace(shift=1.0, default_side=64)
+    pipe.check_skip_layers = types.MethodType(mmdit.pipeline.SD3Pipeline.check_skip_layers, pipe)   # the real check
     devices = []
     monkeypatch.setattr(mmdit.pipeline.SD3Pipeline, "load",
                         classmethod(lambda cls, path, no_t5=False, device="cpu": devices.append(device) or pipe))

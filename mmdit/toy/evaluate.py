@@ -81,9 +81,7 @@ def score_weights(weights: Path, components: Path, outdir: Path, samples_per_pro
                         shift=pipe.shift if shift is None else shift, width=pipe.default_side,
                         height=pipe.default_side, slg_scale=recommended["slg_scale"],
                         slg_layers=recommended["slg_layers"] if slg_layers is None else slg_layers)
-    outside = [i for i in settings.slg_layers if i >= depth]
-    if outside:
-        raise ValueError(f"skip-layer guidance blocks {outside} lie outside the MM-DiT's blocks 0..{depth - 1}")
+    pipe.check_skip_layers(settings.slg_layers)   # before any image is written
     record = made_with(weights, components, no_t5)
     # overwrite: images of these very weights and settings are kept (a rerun only scores again), others replaced
     generate(prompts, outdir, pipe, settings, samples_per_prompt=samples_per_prompt, seed=42, batch_size=32,
