@@ -376,6 +376,7 @@ class TrainState:
     data: object = None         # mmdit.loader.DataPosition: epoch, batches per loader stream, whose turn is next
     tally: object = None        # mmdit.loader.ReadTally: shards that failed, samples skipped
     budget: dict | None = None  # what train.time_budget_s decided, and for which recipe (fit_to_budget)
+    align: object = None        # mmdit.align.Alignment when align.weight > 0: REPA's projector and its optimizer
 
 
 def check_shares(sources, cfg, world: int):
@@ -396,6 +397,23 @@ def check_shares(sources, cfg, world: int):
             raise ValueError(f"epoch 0 gives rank {rank} no batch: its loader streams hold at most {most} samples "
                              f"and data.batch_size is {cfg.data.batch_size}; give more shards than ranks x loader "
                              f"workers ({shards} shards for {world} x {streams}) or a smaller batch")
+
+
+def check_alignment(cfg, world: int):
+    """ValueError unless align.* can run: one process, eager, a block the model has, a readable encoder folder
+    (read after data.prepare, which may bring it)."""
+    from mmdit.align import load_encoder
+
+    if world > 1 or cfg.train.compile:   # the projector is not wrapped for DDP / DeepSpeed, nor compiled
+        raise ValueError(f"align.weight > 0 runs on one process without train.compile for now; this run has {world} "
+                         f"process{'es' if world > 1 else ''} and train.compile={cfg.train.compile}")
+    depth = cfg.model.build_config().depth
+    if cfg.align.block >= depth:
+        raise ValueError(f"align.block must be a joint block of the model, 0 to {depth - 1}; got {cfg.align.block}")
+    try:
+        load_encoder(cfg.align.encoder)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_recipe(args):
@@ -446,6 +464,8 @@ def check_recipe(args):
             from mmdit.sampling_cli import sampling_defaults
 
             sampling_defaults(cfg.train.sample_model)
+        if cfg.align.weight > 0:
+            check_alignment(cfg, world)
     except ValueError as e:   # UsageError is one
         fail(str(e))
     out_dir = Path(cfg.train.out_dir)
@@ -609,6 +629,12 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
         model = accelerator.prepare_model(model)
     streams = max(1, cfg.data.num_workers)
     state = TrainState(model, raw_model, ema, optimizer, generator, fixed, 0, DataPosition.start(streams), ReadTally())
+    if cfg.align.weight > 0:   # checked in check_alignment
+        from mmdit.align import Alignment, load_encoder
+
+        state.align = Alignment(raw_model, load_encoder(cfg.align.encoder).to(procs.device), block=cfg.align.block,
+                                weight=cfg.align.weight, projector_width=cfg.align.projector_width,
+                                betas=cfg.optim.betas, eps=cfg.optim.eps)
     if resume is not None:
         saved = torch.load(resume / f"state_rank{procs.rank}.pt", weights_only=True)
         generator.set_state(saved["generator"])
@@ -616,6 +642,11 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
             torch.set_rng_state(saved["torch_rng"])
         state.step = saved["step"]
         state.budget = saved.get("budget")
+        if (state.align is not None) != ("align" in saved):
+            fail(f"--resume {resume}: the run was trained with{'out' if state.align is not None else ''} "
+                 f"alignment (align.weight); resume it with the recipe it was trained with")
+        if state.align is not None:
+            state.align.load_state_dict(saved["align"])
         if "data" in saved:
             state.data, state.tally = DataPosition.from_dict(saved["data"]), ReadTally(saved.get("read"))
         else:   # saved before loader streams were tracked: a batch count, exact while no stream has ended
@@ -637,6 +668,8 @@ def checkpoint(cfg, procs: Processes, state: TrainState) -> Path:
              "precision": procs.precision, "optimizer": cfg.optim.optimizer}
     if state.budget is not None:
         saved["budget"] = state.budget
+    if state.align is not None:
+        saved["align"] = state.align.state_dict()
     lora = bool(cfg.model.lora)   # checked once, at load (ModelSection.lora_spec)
     return save_checkpoint(Path(cfg.train.out_dir), state.step, state.model,
                            master_weights(state.raw_model, state.fixed, trained_only=lora), state.ema, state.optimizer,
@@ -839,7 +872,7 @@ def open_logs(cfg, procs: Processes, state: TrainState, out_dir: Path):
     return log, board, progress
 
 
-TRAIN_SCALARS = ("loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "flops_per_s",
+TRAIN_SCALARS = ("loss", "align_loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "flops_per_s",
                  "data")   # TensorBoard train/*, and data/* (the reading's counts)
 VAL_SCALARS = ("val", "val_ema")   # validation losses: NAME/mean and NAME/sigma_S
 
@@ -852,6 +885,8 @@ def write_record(record: dict, log, board, progress, step: int, scalars: tuple[s
     if board is None:
         return
     for name in scalars:
+        if name not in record:   # an optional one (align_loss without alignment)
+            continue
         value = record[name]
         if name == "data":   # the reading's counts: data/failed_shards, data/corrupt_samples, ...
             for count, v in value.items():
@@ -988,7 +1023,11 @@ def main(argv=None):
         with autocast:
             pred = model(flow.interpolate(x0, noise, sigma), sigma, context, pooled)
         loss = flow.flow_loss(pred, x0, noise, sigma, cfg.flow.loss_weighting)
-        if not torch.isfinite(loss):
+        objective = loss
+        if state.align is not None:
+            align_loss = state.align.loss(x0)
+            objective = loss + state.align.weight * align_loss
+        if not torch.isfinite(objective):
             bad_steps += 1
             print(f"step {state.step}: non-finite loss, step skipped ({bad_steps} in a row)", file=sys.stderr)
             if bad_steps >= cfg.train.max_bad_steps:
@@ -997,14 +1036,16 @@ def main(argv=None):
             continue
         bad_steps = 0
         if procs.deepspeed:  # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary
-            accelerator.backward(loss)
+            accelerator.backward(objective)
         else:
-            (loss / cfg.optim.grad_accum).backward()
+            (objective / cfg.optim.grad_accum).backward()
         micro += 1
         if micro < cfg.optim.grad_accum:
             continue
         micro = 0
         grad_norm = optimizer_step(cfg, procs, state)
+        if state.align is not None:
+            state.align.step(optimizer.param_groups[0]["lr"])
         step = state.step
         progress.update(1)
         if cfg.train.time_budget_s > 0 and state.budget is None:
@@ -1021,6 +1062,7 @@ def main(argv=None):
             patch = raw_model.config.patch_size
             elapsed, image_tokens = time.perf_counter() - started, (x0.shape[-1] // patch) * (x0.shape[-2] // patch)
             record = {"step": step, "rank": rank, "keys": batch["keys"], "loss": loss.item(),
+                      **({"align_loss": align_loss.item()} if state.align is not None else {}),
                       "grad_norm": grad_norm.item(), "lr": optimizer.param_groups[0]["lr"],
                       **throughput(raw_model.config, B * cfg.optim.grad_accum * cfg.train.log_every / elapsed,
                                    image_tokens, context.shape[1]), "data": state.tally.totals()}

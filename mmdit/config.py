@@ -330,6 +330,15 @@ class OptimSection:
 
 
 @dataclass(frozen=True)
+class AlignSection:
+    """Representation alignment (mmdit.align, REPA): off at weight 0."""
+    weight: float = 0.0                  # the alignment loss's weight beside the flow loss
+    block: int = 1                       # whose image-token output is aligned (0-based; an early block, as REPA's)
+    encoder: str = ""                    # the frozen feature encoder's folder (config.json + model.safetensors)
+    projector_width: int = 512
+
+
+@dataclass(frozen=True)
 class TrainSection:
     steps: int = 100_000
     seed: int = 0
@@ -360,6 +369,7 @@ class Config:
     text: TextSection = TextSection()
     flow: FlowConfig = FlowConfig()
     optim: OptimSection = OptimSection()
+    align: AlignSection = AlignSection()
     train: TrainSection = TrainSection()
 
 
@@ -412,6 +422,7 @@ RECIPE_RANGES = {
     "train.keep_checkpoints": (1, INF, False), "train.max_bad_steps": (1, INF, False),
     "train.time_budget_s": (0, INF, False),
     "train.sample_steps": (1, MAX_STEPS, False),
+    "align.weight": (0, INF, False), "align.block": (0, INF, False), "align.projector_width": (1, INF, False),
 }
 
 
@@ -429,6 +440,8 @@ def _first_recipe_problem(config: Config) -> str | None:
     probs = config.data.caption_variant_probs
     if not probs or not all(_finite_in(p, 0, INF) for p in probs) or sum(probs) <= 0:
         return f"data.caption_variant_probs must be non-negative weights with a positive sum, got {list(probs)}"
+    if config.align.weight > 0 and not config.align.encoder:
+        return "align.weight is set but align.encoder is empty: name the feature encoder's folder"
     if config.data.prepare_args and not config.data.prepare:
         return "data.prepare_args is set but data.prepare is empty: name the module that takes them"
     return None

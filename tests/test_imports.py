@@ -22,6 +22,7 @@ ALLOWED = {
     "mmdit.sources": {"mmdit.shards", "mmdit.config"},   # reading shards from anywhere: the format, then webdataset
     "mmdit.loader": {"mmdit.sources", "mmdit.shards", "mmdit.config"},
     "mmdit.checkpoint": {"mmdit.config", "mmdit.model"},
+    "mmdit.align": {"mmdit.checkpoint"},   # REPA: a training loss beside the model, never inside it
 }
 
 
