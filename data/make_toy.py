@@ -6,12 +6,15 @@
     python3 data/make_toy.py bundle runs/toy/export/pipeline   # the trained pipeline -> the bundled default model
     python3 data/make_toy.py decoder mmdit/toy_pipeline --images runs/toy/world/images/train   # the VAE decoder's
                                                                # second phase on a built pipeline; latents stay
+    python3 data/make_toy.py align mmdit/toy_pipeline --images runs/toy/world/images/train     # the alignment
+                                                               # encoder (REPA's targets) of a built pipeline
 
 `world` writes OUT/images/train/NNNNN.tar and OUT/images/val/NNNNN.tar (KEY.png, KEY.txt, KEY.json, as
 img2dataset writes them, so data/precompute.py reads them like real data) and OUT/pipeline, a diffusers SD3
 pipeline directory: a 16-channel VAE trained on the training images, CLIP-L / CLIP-G / T5 towers trained against
 them (contrastively, with near-miss captions as negatives) with the real CLIP tokenizer and a SentencePiece
-tokenizer trained on the captions, and an untrained MM-DiT. The bundled model ships those components, and toy
+tokenizer trained on the captions, an alignment encoder on the latents against those towers (REPA's targets,
+OUT/pipeline/align_encoder, which diffusers ignores), and an untrained MM-DiT. The bundled model ships those components, and toy
 recipes reuse them (--components bundled) as SD3 users reuse Stability's VAE and encoders. Everything is a
 function of --seed; finished parts are kept when rerun.
 """
@@ -39,6 +42,9 @@ def parse_args(argv=None):
     from mmdit.toy.prepare import add_decoder_arguments
 
     add_decoder_arguments(sub.add_parser("decoder", help="the VAE decoder's second phase on a toy pipeline"))
+    from mmdit.toy.prepare import add_align_arguments
+
+    add_align_arguments(sub.add_parser("align", help="the alignment encoder (REPA's targets) of a toy pipeline"))
     b = sub.add_parser("bundle", help="copy a trained toy pipeline, in float16, to the bundled default model")
     b.add_argument("pipeline", help="a trained toy pipeline (train.py's runs/toy/export/pipeline)")
     b.add_argument("--to", default=str(BUNDLED), help="where the bundle goes")
@@ -101,6 +107,14 @@ def main(argv=None):
         except ValueError as e:
             fail(PROG, str(e))
         mend_pipeline_decoder(args, *checked)
+    elif args.command == "align":
+        from mmdit.toy.prepare import check_align_arguments, train_pipeline_align_encoder
+
+        try:
+            checked = check_align_arguments(args)
+        except ValueError as e:
+            fail(PROG, str(e))
+        train_pipeline_align_encoder(args, *checked)
     else:
         bundle(args)
 

@@ -188,7 +188,9 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
                        f"data.val_shards={tmp_path / 'shards/val'}", f"data.prepare_args={world_args}",
                        "train.steps=4", f"train.out_dir={run}", f"train.sample_model={tmp_path / 'world/pipeline'}",
                        "train.val_every=4", "train.log_every=2", "train.sample_steps=2", "data.shuffle_buffer=8",
-                       "data.num_workers=0", "data.batch_size=8"]) == 0
+                       "data.num_workers=0", "data.batch_size=8",
+                       f"align.encoder={tmp_path / 'world/pipeline/align_encoder'}"]) == 0
+    assert any("align_loss" in line for line in (run / "log.jsonl").read_text().splitlines())   # REPA is on
     manifest = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())
     assert manifest["samples"] == 64 and manifest["identities"]["t5_tokens"] == 12
     # The recipe's shards of an earlier world, and its unfinished shards, are refused before any compute with one
@@ -214,7 +216,7 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
     assert train.main([f"data.shards={tmp_path / 'shards/train'}", f"data.val_shards={tmp_path / 'mine'}",
                        f"data.prepare_args={world_args}", "train.steps=1", f"train.out_dir={tmp_path / 'run3'}",
                        f"train.sample_model={tmp_path / 'world/pipeline'}", "data.shuffle_buffer=8",
-                       "data.batch_size=8", "data.num_workers=0"]) == 0
+                       "data.batch_size=8", "data.num_workers=0", "align.weight=0"]) == 0
     assert json.loads((run / "run.json").read_text())["precision"] in ("bf16", "fp32")
     exported = run / "export" / "pipeline"
     ema = load_mmdit(run / "export" / "ema.safetensors").state_dict()   # the pipeline carries exactly the EMA
@@ -386,15 +388,33 @@ def test_every_toy_prompt_fits_the_bundled_tokenizers(caplog):
 
 
 def test_make_toy_world_trains_components_once_and_recipes_copy_them(tmp_path, capsys):
-    """`data/make_toy.py world` trains the VAE and the towers (a few steps here) into a pipeline the real loaders
-    read; with --components it copies given ones instead, and refuses training flags beside it."""
+    """`data/make_toy.py world` trains the VAE, the towers and the alignment encoder (a few steps here) into a
+    pipeline the real loaders read; with --components it copies given ones instead, and refuses training flags
+    beside it."""
+    from mmdit.align import load_encoder
     from mmdit.loading import load_conditioning
 
     make_toy = load_entry_point("data/make_toy.py")
     make_toy.main(["world", "--out", str(tmp_path / "w"), "--train-samples", "16", "--val-samples", "4",
-                   "--vae-steps", "2", "--vae-images", "8", "--decoder-steps", "2", "--tower-steps", "2"])
+                   "--vae-steps", "2", "--vae-images", "8", "--decoder-steps", "2", "--tower-steps", "2",
+                   "--align-steps", "2"])
     text, vae = load_conditioning(tmp_path / "w" / "pipeline")
     assert (text.layout.clip_tokens, text.layout.t5_tokens, vae.latent_channels) == (13, 12, 16)
+    encoder = load_encoder(tmp_path / "w" / "pipeline" / "align_encoder")
+    assert encoder(torch.zeros(1, 16, 8, 8)).shape == (1, encoder.config["dim"], 8, 8)
+    # `align` trains a built pipeline's encoder again (here on the world's own images), replacing it whole
+    before = (tmp_path / "w" / "pipeline" / "align_encoder" / "model.safetensors").read_bytes()
+    make_toy.main(["align", str(tmp_path / "w" / "pipeline"), "--images", str(tmp_path / "w" / "images" / "train"),
+                   "--steps", "2", "--seed", "5"])
+    assert (tmp_path / "w" / "pipeline" / "align_encoder" / "model.safetensors").read_bytes() != before
+    assert not list((tmp_path / "w" / "pipeline").glob(".*tmp"))
+    for bad, says in ((["align", str(tmp_path), "--images", str(tmp_path)], "is not a toy pipeline directory"),
+                      (["align", str(tmp_path / "w" / "pipeline"), "--images", str(tmp_path)], "no pictures in .tar"),
+                      (["align", str(tmp_path / "w" / "pipeline"), "--images", str(tmp_path), "--steps", "0"],
+                       "--steps must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            make_toy.main(bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err
     make_toy.main(["world", "--out", str(tmp_path / "copy"), "--train-samples", "16", "--val-samples", "4",
                    "--components", str(tmp_path / "w" / "pipeline")])
     copied = tmp_path / "copy" / "pipeline" / "text_encoder_3" / "model.safetensors"

@@ -151,17 +151,19 @@ def mend_decoder(vae, images, steps: int, seed: int = 0, compute_dtype: torch.dt
 # tokenizer: CLIP needs 13 with its BOS and EOS, T5 12 with its EOS. Every text token costs the MM-DiT as much as
 # an image token, so no more.
 TOY_CLIP_WIDTHS, TOY_CLIP_TOKENS, TOY_T5_TOKENS = (32, 32), 13, 12
+ALIGN_ENCODER = "align_encoder"   # the alignment encoder's folder inside a toy pipeline (diffusers ignores it)
 TOY_SHIFT = 1.0   # sampling shift: the paper's shift is 1 at 256^2 and grows with resolution; toy images are 64^2
 
 
 def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae_steps: int, tower_steps: int,
                       vae_images: int | None = None, seed: int = 0, compute_dtype: torch.dtype | None = None,
-                      progress=None, decoder_steps: int = 0) -> Path:
+                      progress=None, decoder_steps: int = 0, align_steps: int = 0) -> Path:
     """The toy world's SD3 pipeline, untrained MM-DiT: a VAE trained on the first vae_images of images ((N, H, W,
     3) uint8), then its decoder alone on all of them for decoder_steps (mend_decoder); CLIP-L / CLIP-G
     towers (width 32, the real CLIP tokenizer) and T5 (a SentencePiece tokenizer trained on corpus) trained against
     the images and their scenes' metadata (mmdit.toy.towers); the "toy" MM-DiT preset; written as a diffusers
-    StableDiffusion3Pipeline directory. progress(stage, step, losses)."""
+    StableDiffusion3Pipeline directory; then, for align_steps, the alignment encoder against those towers
+    (ALIGN_ENCODER inside it). progress(stage, step, losses)."""
     import numpy as np
     from diffusers import StableDiffusion3Pipeline
 
@@ -185,7 +187,29 @@ def save_toy_pipeline(path, images, metadata: list[dict], corpus: list[str], vae
     for folder in ("tokenizer", "tokenizer_2"):
         slim_clip_tokenizer(path / folder)
     (path / SAMPLING_DEFAULTS_FILE).write_text(json.dumps(TOY_SAMPLING) + "\n")   # copied into every export
+    if align_steps:
+        save_align_encoder(path, components, images, metadata, align_steps, seed=seed + 2,
+                           progress=(lambda step, losses: progress("align", step, losses)) if progress else None)
     return path
+
+
+def save_align_encoder(path, components: dict, images, metadata: list[dict], steps: int, seed: int = 2,
+                       progress=None) -> Path:
+    """The alignment encoder for REPA (mmdit.align, configs/toy.yaml's align section), trained on the normalised
+    latents of images ((N, H, W, 3) uint8) as components' VAE encodes them, against components' frozen towers
+    (mmdit.toy.towers.train_feature_encoder); written to path/ALIGN_ENCODER."""
+    import numpy as np
+
+    from mmdit.align import save_encoder
+    from mmdit.toy.towers import train_feature_encoder
+    from mmdit.vae import VAE
+
+    vae = VAE(components["vae"])
+    pixels = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2)
+    latents = torch.cat([vae.encode(pixels[i:i + 256].float() / 127.5 - 1) for i in range(0, len(pixels), 256)])
+    encoder, _ = train_feature_encoder(components, latents.float(), metadata, steps, clip_tokens=TOY_CLIP_TOKENS,
+                                       t5_tokens=TOY_T5_TOKENS, seed=seed, progress=progress)
+    return save_encoder(encoder, Path(path) / ALIGN_ENCODER)
 
 
 def slim_clip_tokenizer(folder):

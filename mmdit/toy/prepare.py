@@ -23,7 +23,7 @@ from mmdit.toy import world
 
 
 COMPONENT_TRAINING = {"vae_steps": 1000, "vae_images": 2000, "decoder_steps": 3500,   # the defaults of these flags
-                      "tower_steps": 1500}
+                      "tower_steps": 1500, "align_steps": 1500}
 
 
 def add_world_arguments(parser: argparse.ArgumentParser):
@@ -43,6 +43,8 @@ def add_world_arguments(parser: argparse.ArgumentParser):
                         help="steps of the VAE decoder's second phase, on every training image (0: none)")
     parser.add_argument("--tower-steps", type=int, default=COMPONENT_TRAINING["tower_steps"],
                         help="text tower training steps (0: random towers)")
+    parser.add_argument("--align-steps", type=int, default=COMPONENT_TRAINING["align_steps"],
+                        help="steps of the alignment encoder (REPA's targets) against the trained towers (0: none)")
     parser.add_argument("--vae-precision", choices=PRECISIONS, default="auto",
                         help="autocast dtype of the VAE's training (auto: bf16 where it is faster here)")
     parser.add_argument("--seed", type=int, default=0, help="everything in the world is a function of it")
@@ -52,7 +54,7 @@ def check_world_arguments(args: argparse.Namespace):
     for name in ("train_samples", "val_samples", "vae_steps", "vae_images"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("decoder_steps", "tower_steps"):
+    for name in ("decoder_steps", "tower_steps", "align_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     given = [f"--{k.replace('_', '-')}" for k, default in COMPONENT_TRAINING.items() if getattr(args, k) != default]
@@ -109,7 +111,8 @@ def build_world(args: argparse.Namespace) -> Path:
         precision = choose_precision(args.vae_precision, "cpu")
         bars = {"vae": tqdm(total=args.vae_steps, desc=f"toy VAE ({precision})", disable=None),
                 "decoder": tqdm(total=args.decoder_steps, desc=f"toy VAE decoder ({precision})", disable=None),
-                "towers": tqdm(total=args.tower_steps, desc="toy text towers", disable=None)}
+                "towers": tqdm(total=args.tower_steps, desc="toy text towers", disable=None),
+                "align": tqdm(total=args.align_steps, desc="toy alignment encoder", disable=None)}
 
         def progress(stage, step, losses):
             bars[stage].update(1)
@@ -119,7 +122,7 @@ def build_world(args: argparse.Namespace) -> Path:
         save_toy_pipeline(tmp, np.stack(images), metadata, world.caption_corpus(seed=args.seed), args.vae_steps,
                           args.tower_steps, vae_images=args.vae_images, seed=args.seed,
                           compute_dtype=torch.bfloat16 if precision == "bf16" else None, progress=progress,
-                          decoder_steps=args.decoder_steps)
+                          decoder_steps=args.decoder_steps, align_steps=args.align_steps)
         for bar in bars.values():
             bar.close()
     os.replace(tmp, pipeline)
@@ -198,6 +201,56 @@ def mend_pipeline_decoder(args: argparse.Namespace, weights: Path, stored: str, 
     atomic_save_file(weights, {k: v.to(dtype) for k, v in vae.state_dict().items()}, {"format": "pt"})
     print(f"mended the decoder of {weights.parent} on {len(images)} images, {args.steps} steps ({precision}, "
           f"{time.perf_counter() - started:.0f} s)", file=sys.stderr)
+
+
+def add_align_arguments(parser: argparse.ArgumentParser):
+    """`data/make_toy.py align`: the alignment encoder of an existing toy pipeline, against its own towers."""
+    parser.add_argument("pipeline", help="a toy pipeline directory: its VAE encodes the pictures, its towers are "
+                        "the targets; PIPELINE/align_encoder is written (the rest stays)")
+    parser.add_argument("--images", required=True, help="the world's training tars (OUT/images/train of `world`)")
+    parser.add_argument("--steps", type=int, default=COMPONENT_TRAINING["align_steps"], help="training steps")
+    parser.add_argument("--seed", type=int, default=2, help="the encoder's draws (the world build uses its seed + 2)")
+
+
+def check_align_arguments(args: argparse.Namespace) -> tuple[list, list]:
+    """(pictures, their scenes' metadata) for `data/make_toy.py align`, checked before any work; ValueError naming
+    what is wrong and what is accepted."""
+    if not (Path(args.pipeline) / "model_index.json").is_file():
+        raise ValueError(f"{args.pipeline} is not a toy pipeline directory (no model_index.json); accepted: a "
+                         f"folder that data/make_toy.py world or bundle wrote")
+    if args.steps < 1 or args.seed < 0:
+        raise ValueError(f"--steps must be >= 1 and --seed >= 0, got {args.steps} and {args.seed}")
+    tars = sorted(Path(args.images).glob("*.tar"))
+    pairs = list(world.read_dataset(tars)) if tars else []
+    if not pairs:
+        raise ValueError(f"--images {args.images}: no pictures in .tar files; accepted: OUT/images/train of "
+                         f"data/make_toy.py world (KEY.png + KEY.json)")
+    return [image for image, _ in pairs], [record["metadata"] for _, record in pairs]
+
+
+def train_pipeline_align_encoder(args: argparse.Namespace, images: list, metadata: list):
+    """Train args.pipeline's alignment encoder (mmdit.toy.components.save_align_encoder) and write it, replacing
+    any before it by one rename at the end."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from tqdm import tqdm
+
+    from mmdit.toy.components import ALIGN_ENCODER, save_align_encoder
+
+    started = time.perf_counter()
+    pipeline = StableDiffusion3Pipeline.from_pretrained(args.pipeline, transformer=None, torch_dtype=torch.float32)
+    tmp = Path(args.pipeline) / f".{ALIGN_ENCODER}.tmp"
+    shutil.rmtree(tmp / ALIGN_ENCODER, ignore_errors=True)
+    with tqdm(total=args.steps, desc="toy alignment encoder", disable=None) as bar:
+        save_align_encoder(tmp, pipeline.components, np.stack(images), metadata, args.steps, seed=args.seed,
+                           progress=lambda step, losses: bar.update(1))
+    target = Path(args.pipeline) / ALIGN_ENCODER
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp / ALIGN_ENCODER, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"trained {target} on {len(images)} images, {args.steps} steps ({time.perf_counter() - started:.0f} s)",
+          file=sys.stderr)
 
 
 def world_arguments(prepare_args: list[str]) -> argparse.Namespace:

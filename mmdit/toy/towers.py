@@ -9,6 +9,10 @@ relation's objects swapped), so that a bag of words cannot win and the states mu
 keep word order. CLIP towers are pooled as SD3 pools them (CLIP-L: the final-norm end token, unprojected; CLIP-G:
 the same through text_projection); T5 by the mean of its states, which is also what the MM-DiT attends over. Held-out
 combinations are never shown, not even as negatives.
+
+The alignment encoder (train_feature_encoder; REPA's targets, mmdit.align) is trained the same way afterwards, on
+the world's latents against the frozen towers, so its features at each latent position say what is drawn there in
+the towers' terms.
 """
 
 from __future__ import annotations
@@ -111,3 +115,55 @@ def train_towers(components: dict, images: np.ndarray, metadata: list[dict], ste
     for t in towers.values():
         t.eval().requires_grad_(False)
     return losses
+
+
+def train_feature_encoder(components: dict, latents: torch.Tensor, metadata: list[dict], steps: int, *,
+                          clip_tokens: int, t5_tokens: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                          progress=None):
+    """The alignment encoder (mmdit.align.FeatureEncoder) for REPA targets: trained on the world's normalised
+    latents (N, 16, H, W) contrastively against the *frozen*, already trained towers' pooled vectors, with the same
+    near-miss captions as hard negatives, so that its per-position features say which shape of which colour lies
+    where. A pooled head (discarded) meets each tower's through a linear head of its own. Returns (encoder,
+    final loss)."""
+    from mmdit.align import FeatureEncoder
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    towers = {"clip_l": components["text_encoder"], "clip_g": components["text_encoder_2"],
+              "t5": components["text_encoder_3"]}
+    widths = {"clip_l": towers["clip_l"].config.hidden_size, "clip_g": towers["clip_g"].config.projection_dim,
+              "t5": towers["t5"].config.d_model}
+    encoder = FeatureEncoder(latents.shape[1])
+    dim = encoder.config["dim"]
+    pool = nn.Sequential(nn.GroupNorm(8, dim), nn.SiLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                         nn.Linear(dim * 16, EMBED))
+    heads = nn.ModuleDict({name: nn.Linear(w, EMBED) for name, w in widths.items()})
+    log_scale = nn.Parameter(torch.tensor(np.log(10.0), dtype=torch.float32))
+    params = list(encoder.parameters()) + list(pool.parameters()) + list(heads.parameters()) + [log_scale]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    captions = [world.caption_of(m) for m in metadata]
+    labels, loss = torch.arange(batch_size), torch.tensor(0.0)
+    for step in range(steps):
+        index = rng.integers(0, len(latents), batch_size)
+        negatives = [world.caption_of(world.near_miss(metadata[i], rng) or metadata[rng.integers(len(metadata))])
+                     for i in index]
+        with torch.no_grad():
+            pooled = tower_outputs(components, token_ids(components, [captions[i] for i in index] + negatives,
+                                                         clip_tokens, t5_tokens))
+        picture = F.normalize(pool(encoder(latents[index].float())), dim=-1)
+        scale = log_scale.exp().clamp(max=100)
+        loss = 0.0
+        for name, vectors in pooled.items():
+            text = F.normalize(heads[name](vectors), dim=-1)
+            logits = scale * picture @ text.T                                 # (B, 2B): captions and near misses
+            loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(scale * text[:batch_size] @ picture.T,
+                                                                            labels)) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if progress:
+            progress(step, {"loss": loss.item()})
+    return encoder.eval().requires_grad_(False), loss.item()
