@@ -400,20 +400,26 @@ def check_shares(sources, cfg, world: int):
 
 
 def check_alignment(cfg, world: int):
-    """ValueError unless align.* can run: one process, eager, a block the model has, a readable encoder folder
-    (read after data.prepare, which may bring it)."""
+    """ValueError unless align.* can run: one process without DeepSpeed, eager, a block the preset has (a model
+    from init_from is checked once loaded, in build_state), a readable encoder folder (read after data.prepare,
+    which may bring it)."""
     from mmdit.align import load_encoder
 
-    if world > 1 or cfg.train.compile:   # the projector is not wrapped for DDP / DeepSpeed, nor compiled
-        raise ValueError(f"align.weight > 0 runs on one process without train.compile for now; this run has {world} "
-                         f"process{'es' if world > 1 else ''} and train.compile={cfg.train.compile}")
+    engine = choose_engine(cfg.train.deepspeed, world, os.environ)[0]
+    if engine != "single" or cfg.train.compile:   # the projector is not wrapped for DDP / DeepSpeed, nor compiled
+        raise ValueError(f"align.weight > 0 runs in one process, without DeepSpeed or train.compile, for now; this "
+                         f"run: {world} process{'es' if world > 1 else ''}, engine {engine}, "
+                         f"train.compile={cfg.train.compile}")
     depth = cfg.model.build_config().depth
-    if cfg.align.block >= depth:
+    if not cfg.model.init_from and cfg.align.block >= depth:
         raise ValueError(f"align.block must be a joint block of the model, 0 to {depth - 1}; got {cfg.align.block}")
     try:
         load_encoder(cfg.align.encoder)
     except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
+        toy = cfg.data.prepare == "mmdit.toy.prepare"
+        hint = ("; a toy world made before the alignment encoder has none: python3 data/make_toy.py align "
+                "WORLD/pipeline --images WORLD/images/train makes it") if toy else ""
+        raise ValueError(f"{e}{hint}") from None
 
 
 def check_recipe(args):
@@ -629,12 +635,19 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
         model = accelerator.prepare_model(model)
     streams = max(1, cfg.data.num_workers)
     state = TrainState(model, raw_model, ema, optimizer, generator, fixed, 0, DataPosition.start(streams), ReadTally())
-    if cfg.align.weight > 0:   # checked in check_alignment
+    if cfg.align.weight > 0:   # the recipe's side was checked in check_alignment; here, the model's
         from mmdit.align import Alignment, load_encoder
 
-        state.align = Alignment(raw_model, load_encoder(cfg.align.encoder).to(procs.device), block=cfg.align.block,
-                                weight=cfg.align.weight, projector_width=cfg.align.projector_width,
-                                betas=cfg.optim.betas, eps=cfg.optim.eps)
+        encoder = load_encoder(cfg.align.encoder).to(procs.device)
+        if encoder.config["latent_channels"] != raw_model.config.in_channels:
+            fail(f"align.encoder {cfg.align.encoder} reads {encoder.config['latent_channels']}-channel latents; the "
+                 f"model's are {raw_model.config.in_channels}")
+        try:
+            state.align = Alignment(raw_model, encoder, block=cfg.align.block, weight=cfg.align.weight,
+                                    projector_width=cfg.align.projector_width, betas=cfg.optim.betas,
+                                    eps=cfg.optim.eps)
+        except ValueError as e:   # a block the model (from init_from) does not have
+            fail(str(e))
     if resume is not None:
         saved = torch.load(resume / f"state_rank{procs.rank}.pt", weights_only=True)
         generator.set_state(saved["generator"])
@@ -643,9 +656,13 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
         state.step = saved["step"]
         state.budget = saved.get("budget")
         if (state.align is not None) != ("align" in saved):
+            as_trained = "align.weight=0" if state.align is not None else "its align.* settings"
             fail(f"--resume {resume}: the run was trained with{'out' if state.align is not None else ''} "
-                 f"alignment (align.weight); resume it with the recipe it was trained with")
+                 f"alignment; resume it as it was trained ({as_trained})")
         if state.align is not None:
+            problem = state.align.resume_problem(saved["align"])
+            if problem:
+                fail(f"--resume {resume}: {problem}; resume it as it was trained")
             state.align.load_state_dict(saved["align"])
         if "data" in saved:
             state.data, state.tally = DataPosition.from_dict(saved["data"]), ReadTally(saved.get("read"))
@@ -1020,6 +1037,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(state.step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.cooldown_steps,
                                  cfg.train.steps)
+        if state.align is not None:
+            state.align.output.arm()   # keep this forward's states (not validation's, nor a checkpointed recompute)
         with autocast:
             pred = model(flow.interpolate(x0, noise, sigma), sigma, context, pooled)
         loss = flow.flow_loss(pred, x0, noise, sigma, cfg.flow.loss_weighting)

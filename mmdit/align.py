@@ -89,18 +89,24 @@ def alignment_loss(projected: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 class BlockOutput:
-    """Keeps the image-token output of one of the model's joint blocks from its latest forward (a forward hook, so
-    the model's code and weights stay as they are)."""
+    """Keeps the image-token output of one of the model's joint blocks from the first forward after arm() (a
+    forward hook, so the model's code and weights stay as they are). Armed, so that other passes (validation, or
+    activation checkpointing's recompute during backward, which would hold the block's graph past the step) are
+    not kept."""
 
     def __init__(self, model: nn.Module, index: int):
         blocks = model.joint_blocks
         if not 0 <= index < len(blocks):
             raise ValueError(f"align.block must be a joint block of the model, 0 to {len(blocks) - 1}; got {index}")
-        self.states = None
+        self.states, self.armed = None, False
         self.handle = blocks[index].register_forward_hook(self._keep)
 
+    def arm(self):
+        self.states, self.armed = None, True
+
     def _keep(self, module, inputs, output):
-        self.states = output[0]
+        if self.armed:
+            self.states, self.armed = output[0], False
 
     def take(self) -> torch.Tensor:
         states, self.states = self.states, None
@@ -116,10 +122,13 @@ class Alignment:
     def __init__(self, model: nn.Module, encoder: FeatureEncoder, *, block: int, weight: float, projector_width: int,
                  betas=(0.9, 0.999), eps: float = 1e-8):
         self.weight, self.encoder = weight, encoder
+        self.setup = {"block": block, "projector_width": projector_width, "dim": encoder.config["dim"]}
         self.patch_size = model.config.patch_size
         self.output = BlockOutput(model, block)
         device = next(model.parameters()).device
         self.projector = Projector(model.config.hidden_size, encoder.config["dim"], projector_width).to(device)
+        # REPA trains its projector beside the model, unclipped and without weight decay: a small head whose
+        # gradients are not the model's, so they stay out of the model's clipping norm
         self.optimizer = torch.optim.AdamW(self.projector.parameters(), lr=0.0, betas=betas, eps=eps, weight_decay=0.0)
 
     def loss(self, clean_latents: torch.Tensor) -> torch.Tensor:
@@ -135,7 +144,13 @@ class Alignment:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        return {"projector": self.projector.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"setup": self.setup, "projector": self.projector.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def resume_problem(self, state: dict) -> str | None:
+        """Why a checkpoint's alignment state cannot continue here (another block, projector or encoder width)."""
+        saved = state.get("setup", {})
+        changed = [f"{k} {saved.get(k)} -> {v}" for k, v in self.setup.items() if saved.get(k) != v]
+        return f"its alignment was set up otherwise ({', '.join(changed)})" if changed else None
 
     def load_state_dict(self, state: dict):
         self.projector.load_state_dict(state["projector"])

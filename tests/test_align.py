@@ -59,7 +59,9 @@ def test_loss_is_negative_cosine_and_the_kept_output_is_the_blocks():
     kept = BlockOutput(model, 1)
     x, sigma = torch.randn(2, config.in_channels, 8, 8), torch.tensor([0.3, 0.7])
     context, pooled = torch.randn(2, 5, config.context_dim), torch.randn(2, config.pooled_dim)
+    kept.arm()
     model(x, sigma, context, pooled)
+    model(x + 1, sigma, context, pooled)   # a second pass (validation, a checkpointed recompute) is not kept
     # the same states by hand: embed, then blocks 0 and 1
     from mmdit.model import timestep_embedding
 
@@ -69,6 +71,9 @@ def test_loss_is_negative_cosine_and_the_kept_output_is_the_blocks():
     for block in model.joint_blocks[:2]:
         h, ctx = block(h, ctx, c)
     assert torch.allclose(kept.take(), h, atol=1e-6)
+    with pytest.raises(RuntimeError, match="did not run"):
+        kept.take()
+    model(x, sigma, context, pooled)   # unarmed: nothing kept
     with pytest.raises(RuntimeError, match="did not run"):
         kept.take()
     with pytest.raises(ValueError, match="align.block must be a joint block"):
@@ -83,8 +88,15 @@ def test_alignment_trains_the_projector_toward_the_targets():
     align = Alignment(model, encoder, block=0, weight=1.0, projector_width=32)
     x0 = torch.randn(4, config.in_channels, 8, 8)
     args_ = (torch.full((4,), 0.5), torch.randn(4, 5, config.context_dim), torch.randn(4, config.pooled_dim))
+    align.output.arm()
+    model(x0, *args_)
+    align.loss(x0).backward()   # the alignment term reaches the blocks up to the aligned one, and no further
+    grads = [sum(p.grad.abs().sum().item() for p in b.parameters() if p.grad is not None) for b in model.joint_blocks]
+    assert grads[0] > 0 and all(g == 0 for g in grads[1:])
+    model.zero_grad()
     first = None
     for _ in range(30):
+        align.output.arm()
         model(x0, *args_)
         loss = align.loss(x0)
         first = loss.item() if first is None else first
@@ -116,6 +128,10 @@ def test_train_with_alignment_resumes_bit_exact_and_refuses_a_mismatched_resume(
     with pytest.raises(SystemExit):
         train_cli.main(args(shard_dir, tmp_path / "plain", "train.steps=12", *common) + ["--resume", "latest"])
     assert "trained without alignment" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(args(shard_dir, tmp_path / "two", "train.steps=14", *common[:-1], "align.projector_width=16")
+                       + ["--resume", "latest"])
+    assert "set up otherwise (projector_width 32 -> 16)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -123,7 +139,7 @@ def test_train_with_alignment_resumes_bit_exact_and_refuses_a_mismatched_resume(
     (("align.weight=-1", "align.encoder=x"), "align.weight must be"),
     (("align.weight=0.5", "align.encoder=/nonexistent"), "config.json and model.safetensors"),
     (("align.weight=0.5", "align.encoder=ENC", "align.block=99"), "align.block must be a joint block"),
-    (("align.weight=0.5", "align.encoder=ENC", "train.compile=true"), "runs on one process without train.compile"),
+    (("align.weight=0.5", "align.encoder=ENC", "train.compile=true"), "without DeepSpeed or train.compile"),
 ])
 def test_bad_alignment_settings_fail_with_one_line(shard_dir, tmp_path, capsys, extra, match):
     save_encoder(FeatureEncoder(16, width=16, dim=8), tmp_path / "enc")

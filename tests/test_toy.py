@@ -407,7 +407,7 @@ def test_make_toy_world_trains_components_once_and_recipes_copy_them(tmp_path, c
     make_toy.main(["align", str(tmp_path / "w" / "pipeline"), "--images", str(tmp_path / "w" / "images" / "train"),
                    "--steps", "2", "--seed", "5"])
     assert (tmp_path / "w" / "pipeline" / "align_encoder" / "model.safetensors").read_bytes() != before
-    assert not list((tmp_path / "w" / "pipeline").glob(".*tmp"))
+    assert not list((tmp_path / "w").glob(".*")) and not list((tmp_path / "w" / "pipeline").glob(".*"))
     for bad, says in ((["align", str(tmp_path), "--images", str(tmp_path)], "is not a toy pipeline directory"),
                       (["align", str(tmp_path / "w" / "pipeline"), "--images", str(tmp_path)], "no pictures in .tar"),
                       (["align", str(tmp_path / "w" / "pipeline"), "--images", str(tmp_path), "--steps", "0"],

@@ -229,8 +229,9 @@ def check_align_arguments(args: argparse.Namespace) -> tuple[list, list]:
 
 
 def train_pipeline_align_encoder(args: argparse.Namespace, images: list, metadata: list):
-    """Train args.pipeline's alignment encoder (mmdit.toy.components.save_align_encoder) and write it, replacing
-    any before it by one rename at the end."""
+    """Train args.pipeline's alignment encoder (mmdit.toy.components.save_align_encoder) and write it in a folder
+    beside the pipeline (never inside, where a copy of the pipeline would take it along), then swap it in: the old
+    one is renamed aside, the new one into place, the old one removed."""
     import numpy as np
     import torch
     from diffusers import StableDiffusion3Pipeline
@@ -240,14 +241,18 @@ def train_pipeline_align_encoder(args: argparse.Namespace, images: list, metadat
 
     started = time.perf_counter()
     pipeline = StableDiffusion3Pipeline.from_pretrained(args.pipeline, transformer=None, torch_dtype=torch.float32)
-    tmp = Path(args.pipeline) / f".{ALIGN_ENCODER}.tmp"
-    shutil.rmtree(tmp / ALIGN_ENCODER, ignore_errors=True)
+    folder = Path(args.pipeline).resolve()
+    tmp, old = (folder.with_name(f".{folder.name}.{ALIGN_ENCODER}.{kind}") for kind in ("tmp", "old"))
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
     with tqdm(total=args.steps, desc="toy alignment encoder", disable=None) as bar:
         save_align_encoder(tmp, pipeline.components, np.stack(images), metadata, args.steps, seed=args.seed,
                            progress=lambda step, losses: bar.update(1))
-    target = Path(args.pipeline) / ALIGN_ENCODER
-    shutil.rmtree(target, ignore_errors=True)
+    target = folder / ALIGN_ENCODER
+    if target.exists():
+        os.replace(target, old)
     os.replace(tmp / ALIGN_ENCODER, target)
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"trained {target} on {len(images)} images, {args.steps} steps ({time.perf_counter() - started:.0f} s)",
           file=sys.stderr)

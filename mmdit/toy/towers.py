@@ -62,6 +62,35 @@ def token_ids(components: dict, captions: list[str], clip_tokens: int, t5_tokens
             "t5": t5_token_ids(components["tokenizer_3"], captions, t5_tokens)}
 
 
+def tower_heads(components: dict) -> nn.ModuleDict:
+    """A linear head per tower from its pooled width to the shared EMBED space (trained, then discarded)."""
+    widths = {"clip_l": components["text_encoder"].config.hidden_size,
+              "clip_g": components["text_encoder_2"].config.projection_dim,
+              "t5": components["text_encoder_3"].config.d_model}
+    return nn.ModuleDict({name: nn.Linear(w, EMBED) for name, w in widths.items()})
+
+
+def captions_with_near_misses(captions: list[str], metadata: list[dict], index, rng) -> list[str]:
+    """The batch's captions, then one near miss per picture (world.near_miss; another scene's caption when none)."""
+    negatives = [world.caption_of(world.near_miss(metadata[i], rng) or metadata[rng.integers(len(metadata))])
+                 for i in index]
+    return [captions[i] for i in index] + negatives
+
+
+def contrastive_losses(picture: torch.Tensor, pooled: dict, heads: nn.ModuleDict, scale) -> dict:
+    """CLIP's symmetric InfoNCE per tower, each picture (B, EMBED, normalised) against the batch's captions and near
+    misses (pooled: (2B, width) per tower), each caption against the pictures."""
+    batch_size = len(picture)
+    labels = torch.arange(batch_size)
+    losses = {}
+    for name, vectors in pooled.items():
+        text = F.normalize(heads[name](vectors), dim=-1)
+        logits = scale * picture @ text.T      # (B, 2B): captions and near misses
+        losses[name] = (F.cross_entropy(logits, labels)
+                        + F.cross_entropy(scale * text[:batch_size] @ picture.T, labels)) / 2
+    return losses
+
+
 def train_towers(components: dict, images: np.ndarray, metadata: list[dict], steps: int, *, clip_tokens: int,
                  t5_tokens: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0, progress=None) -> dict:
     """Train the three text towers of components (StableDiffusion3Pipeline's keyword names) in place against
@@ -71,9 +100,7 @@ def train_towers(components: dict, images: np.ndarray, metadata: list[dict], ste
     torch.manual_seed(seed)
     towers = {"clip_l": components["text_encoder"], "clip_g": components["text_encoder_2"],
               "t5": components["text_encoder_3"]}
-    widths = {"clip_l": towers["clip_l"].config.hidden_size, "clip_g": towers["clip_g"].config.projection_dim,
-              "t5": towers["t5"].config.d_model}
-    heads = nn.ModuleDict({name: nn.Linear(w, EMBED) for name, w in widths.items()})
+    heads = tower_heads(components)
     image_encoder = ImageEncoder()
     log_scale = nn.Parameter(torch.tensor(np.log(10.0), dtype=torch.float32))
     towers["clip_l"].text_projection.requires_grad_(False)
@@ -89,24 +116,13 @@ def train_towers(components: dict, images: np.ndarray, metadata: list[dict], ste
     for step in range(steps):
         index = rng.integers(0, len(data), batch_size)
         x = data[index].float() / 127.5 - 1
-        texts = [captions[i] for i in index]
-        negatives = [world.caption_of(world.near_miss(metadata[i], rng) or metadata[rng.integers(len(metadata))])
-                     for i in index]
-        ids = token_ids(components, texts + negatives, clip_tokens, t5_tokens)
+        ids = token_ids(components, captions_with_near_misses(captions, metadata, index, rng), clip_tokens, t5_tokens)
         pooled = tower_outputs(components, ids)
         picture = F.normalize(image_encoder(x), dim=-1)
-        scale = log_scale.exp().clamp(max=100)
-        total = 0.0
-        for name, vectors in pooled.items():
-            text = F.normalize(heads[name](vectors), dim=-1)
-            positives, hard = text[:batch_size], text[batch_size:]
-            logits = scale * picture @ torch.cat([positives, hard]).T      # (B, 2B): captions and near misses
-            labels = torch.arange(batch_size)
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(scale * positives @ picture.T, labels)) / 2
-            losses[name] = loss.item()
-            total = total + loss
+        per_tower = contrastive_losses(picture, pooled, heads, log_scale.exp().clamp(max=100))
+        losses = {name: loss.item() for name, loss in per_tower.items()}
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        sum(per_tower.values()).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -129,36 +145,24 @@ def train_feature_encoder(components: dict, latents: torch.Tensor, metadata: lis
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    towers = {"clip_l": components["text_encoder"], "clip_g": components["text_encoder_2"],
-              "t5": components["text_encoder_3"]}
-    widths = {"clip_l": towers["clip_l"].config.hidden_size, "clip_g": towers["clip_g"].config.projection_dim,
-              "t5": towers["t5"].config.d_model}
     encoder = FeatureEncoder(latents.shape[1])
     dim = encoder.config["dim"]
     pool = nn.Sequential(nn.GroupNorm(8, dim), nn.SiLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                          nn.Linear(dim * 16, EMBED))
-    heads = nn.ModuleDict({name: nn.Linear(w, EMBED) for name, w in widths.items()})
+    heads = tower_heads(components)
     log_scale = nn.Parameter(torch.tensor(np.log(10.0), dtype=torch.float32))
     params = list(encoder.parameters()) + list(pool.parameters()) + list(heads.parameters()) + [log_scale]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
     captions = [world.caption_of(m) for m in metadata]
-    labels, loss = torch.arange(batch_size), torch.tensor(0.0)
+    loss = torch.tensor(0.0)
     for step in range(steps):
         index = rng.integers(0, len(latents), batch_size)
-        negatives = [world.caption_of(world.near_miss(metadata[i], rng) or metadata[rng.integers(len(metadata))])
-                     for i in index]
+        ids = token_ids(components, captions_with_near_misses(captions, metadata, index, rng), clip_tokens, t5_tokens)
         with torch.no_grad():
-            pooled = tower_outputs(components, token_ids(components, [captions[i] for i in index] + negatives,
-                                                         clip_tokens, t5_tokens))
+            pooled = tower_outputs(components, ids)
         picture = F.normalize(pool(encoder(latents[index].float())), dim=-1)
-        scale = log_scale.exp().clamp(max=100)
-        loss = 0.0
-        for name, vectors in pooled.items():
-            text = F.normalize(heads[name](vectors), dim=-1)
-            logits = scale * picture @ text.T                                 # (B, 2B): captions and near misses
-            loss = loss + (F.cross_entropy(logits, labels) + F.cross_entropy(scale * text[:batch_size] @ picture.T,
-                                                                            labels)) / 2
+        loss = sum(contrastive_losses(picture, pooled, heads, log_scale.exp().clamp(max=100)).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
