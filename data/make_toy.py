@@ -29,21 +29,21 @@ from mmdit.cli import Parser, fail
 from mmdit.toy import BUNDLED_MODEL as BUNDLED
 
 PROG = "make_toy.py"
+# Steps on a built toy pipeline: (the check of their flags and inputs, before any work: ValueError, which becomes one
+# line and exit 2; the step itself), named in mmdit.toy.prepare.
+PIPELINE_STEPS = {"decoder": ("check_decoder_arguments", "mend_pipeline_decoder"),
+                  "align": ("check_align_arguments", "train_pipeline_align_encoder")}
 
 
 def parse_args(argv=None):
     p = Parser(prog=PROG, description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    from mmdit.toy.prepare import add_world_arguments
+    from mmdit.toy.prepare import add_align_arguments, add_decoder_arguments, add_world_arguments
 
     add_world_arguments(sub.add_parser("world", help="toy images and the toy pipeline's components"))
     q = sub.add_parser("prompts", help="the toy GenEval prompt file (held-out prompts marked)")
     q.add_argument("--out", required=True, help="the JSONL file to write")
-    from mmdit.toy.prepare import add_decoder_arguments
-
     add_decoder_arguments(sub.add_parser("decoder", help="the VAE decoder's second phase on a toy pipeline"))
-    from mmdit.toy.prepare import add_align_arguments
-
     add_align_arguments(sub.add_parser("align", help="the alignment encoder (REPA's targets) of a toy pipeline"))
     b = sub.add_parser("bundle", help="copy a trained toy pipeline, in float16, to the bundled default model")
     b.add_argument("pipeline", help="a trained toy pipeline (train.py's runs/toy/export/pipeline)")
@@ -99,22 +99,15 @@ def main(argv=None):
         prompts = evaluation_prompts()
         Path(args.out).write_text("".join(json.dumps(p) + "\n" for p in prompts))
         print(f"{len(prompts)} prompts -> {args.out}", file=sys.stderr)
-    elif args.command == "decoder":
-        from mmdit.toy.prepare import check_decoder_arguments, mend_pipeline_decoder
+    elif args.command in PIPELINE_STEPS:
+        from mmdit.toy import prepare
 
+        check, run = (getattr(prepare, name) for name in PIPELINE_STEPS[args.command])
         try:
-            checked = check_decoder_arguments(args)
+            checked = check(args)
         except ValueError as e:
             fail(PROG, str(e))
-        mend_pipeline_decoder(args, *checked)
-    elif args.command == "align":
-        from mmdit.toy.prepare import check_align_arguments, train_pipeline_align_encoder
-
-        try:
-            checked = check_align_arguments(args)
-        except ValueError as e:
-            fail(PROG, str(e))
-        train_pipeline_align_encoder(args, *checked)
+        run(args, *checked)
     else:
         bundle(args)
 
