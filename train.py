@@ -400,16 +400,20 @@ def check_shares(sources, cfg, world: int):
 
 
 def check_alignment(cfg, world: int):
-    """ValueError unless align.* can run: one process without DeepSpeed, eager, a block the preset has (a model
-    from init_from is checked once loaded, in build_state), a readable encoder folder (read after data.prepare,
-    which may bring it)."""
+    """ValueError unless align.* can run: eager, without DeepSpeed's fp16 loss scaling, a block the preset has (a
+    model from init_from is checked once loaded, in build_state), a readable encoder folder (read after
+    data.prepare, which may bring it)."""
     from mmdit.align import load_encoder
 
-    engine = choose_engine(cfg.train.deepspeed, world, os.environ)[0]
-    if engine != "single" or cfg.train.compile:   # the projector is not wrapped for DDP / DeepSpeed, nor compiled
-        raise ValueError(f"align.weight > 0 runs in one process, without DeepSpeed or train.compile, for now; this "
-                         f"run: {world} process{'es' if world > 1 else ''}, engine {engine}, "
-                         f"train.compile={cfg.train.compile}")
+    if cfg.train.compile:   # the kept block output is a forward hook's side effect, which a compiled graph skips
+        raise ValueError("align.weight > 0 runs eager: set train.compile=false (or align.weight=0)")
+    engine, deepspeed_file = choose_engine(cfg.train.deepspeed, world, os.environ)
+    if engine == "deepspeed" and deepspeed_file:
+        # DeepSpeed scales an fp16 loss inside its engine; the projector, outside it, would step on scaled gradients
+        fp16 = json.loads(Path(deepspeed_file).read_text()).get("fp16", {}).get("enabled", False)
+        if fp16 is True:
+            raise ValueError(f"align.weight > 0 trains its projector outside DeepSpeed, which cannot unscale an "
+                             f"fp16 loss: {deepspeed_file} enables fp16; use bf16 or fp32 (or align.weight=0)")
     depth = cfg.model.build_config().depth
     if not cfg.model.init_from and cfg.align.block >= depth:
         raise ValueError(f"align.block must be a joint block of the model, 0 to {depth - 1}; got {cfg.align.block}")
@@ -648,6 +652,11 @@ def build_state(cfg, procs: Processes, resume) -> TrainState:
                                     eps=cfg.optim.eps)
         except ValueError as e:   # a block the model (from init_from) does not have
             fail(str(e))
+        if procs.world > 1:   # one projector on every rank, as DDP and DeepSpeed start one model: rank 0's
+            from accelerate.utils import broadcast
+
+            for tensor in state.align.projector.state_dict().values():
+                tensor.copy_(broadcast(tensor, from_process=0))
     if resume is not None:
         saved = torch.load(resume / f"state_rank{procs.rank}.pt", weights_only=True)
         generator.set_state(saved["generator"])
@@ -1064,6 +1073,9 @@ def main(argv=None):
         micro = 0
         grad_norm = optimizer_step(cfg, procs, state)
         if state.align is not None:
+            if procs.world > 1:   # the projector is outside DDP and DeepSpeed: its gradient is reduced here
+                for p in state.align.projector.parameters():
+                    p.grad = accelerator.reduce(p.grad, "mean")
             state.align.step(optimizer.param_groups[0]["lr"])
         step = state.step
         progress.update(1)

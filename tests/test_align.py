@@ -1,6 +1,6 @@
 """Representation alignment (mmdit.align): the encoder's folder round-trips and bad ones are refused, targets come
 in the MM-DiT's token order, the kept block output is the block's, and train.py with align.weight > 0 trains the
-projector, checkpoints it and resumes bit for bit."""
+projector, checkpoints it and resumes bit for bit, in one process and in two (DDP and DeepSpeed ZeRO-3)."""
 
 import json
 
@@ -12,7 +12,7 @@ from mmdit.align import (Alignment, BlockOutput, FeatureEncoder, alignment_loss,
 from mmdit.checkpoint import load_mmdit
 from mmdit.config import model_preset
 from mmdit.model import MMDiT
-from tests.test_train import args, losses, shard_dir, train_cli  # noqa: F401 (shard_dir is a fixture)
+from tests.test_train import ROOT, args, launch_two, losses, make_pipeline_shards, shard_dir, train_cli  # noqa: F401
 
 
 def test_encoder_folder_round_trips_and_bad_ones_fail(tmp_path):
@@ -139,7 +139,7 @@ def test_train_with_alignment_resumes_bit_exact_and_refuses_a_mismatched_resume(
     (("align.weight=-1", "align.encoder=x"), "align.weight must be"),
     (("align.weight=0.5", "align.encoder=/nonexistent"), "config.json and model.safetensors"),
     (("align.weight=0.5", "align.encoder=ENC", "align.block=99"), "align.block must be a joint block"),
-    (("align.weight=0.5", "align.encoder=ENC", "train.compile=true"), "without DeepSpeed or train.compile"),
+    (("align.weight=0.5", "align.encoder=ENC", "train.compile=true"), "align.weight > 0 runs eager"),
 ])
 def test_bad_alignment_settings_fail_with_one_line(shard_dir, tmp_path, capsys, extra, match):
     save_encoder(FeatureEncoder(16, width=16, dim=8), tmp_path / "enc")
@@ -148,3 +148,58 @@ def test_bad_alignment_settings_fail_with_one_line(shard_dir, tmp_path, capsys, 
         train_cli.main(args(shard_dir, tmp_path / "run", "train.steps=2", *extra))
     assert match in capsys.readouterr().err
     assert not (tmp_path / "run").exists()   # refused before anything is written
+
+
+def test_deepspeed_fp16_is_refused_with_alignment(shard_dir, tmp_path, capsys, monkeypatch):
+    """DeepSpeed scales an fp16 loss inside its engine, where the projector is not: refused before any work."""
+    save_encoder(FeatureEncoder(16, width=16, dim=8), tmp_path / "enc")
+    ds = tmp_path / "fp16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    with pytest.raises(SystemExit):
+        train_cli.main(args(shard_dir, tmp_path / "run", "train.steps=2", "align.weight=0.5",
+                            f"align.encoder={tmp_path / 'enc'}"))
+    assert "cannot unscale an fp16 loss" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_two_processes_align_one_projector_and_resume_bit_exact(tiny_pipeline, tmp_path, engine):
+    """Under DDP and DeepSpeed ZeRO-3 the projector (outside both) starts as rank 0's and steps on the gradient
+    reduced over the ranks, so both ranks hold one projector; N + N == 2N for every loss, the model and the
+    projector."""
+    torch.manual_seed(0)
+    save_encoder(FeatureEncoder(16, width=16, dim=8), tmp_path / "enc")
+    make_pipeline_shards(tmp_path / "train", 4, 6)
+    launcher = ["--multi_gpu"] if engine == "ddp" else \
+        ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "configs" / "deepspeed" / "zero3.json")]
+    ddp = ['train.deepspeed=""'] if engine == "ddp" else []
+
+    def run(out, steps, *extra):
+        return launch_two(launcher, [
+            "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'train'}",
+            f"model.init_from={tiny_pipeline}", f"train.out_dir={out}", f"train.steps={steps}", "train.log_every=1",
+            "data.batch_size=2", "train.checkpoint_every=100", "data.caption_variant_probs=[1]", "align.weight=0.5",
+            f"align.encoder={tmp_path / 'enc'}", "align.projector_width=32", "align.block=0", *ddp, *extra])
+
+    def records(out, name):
+        return {r["step"]: (r["loss"], r["align_loss"]) for r in map(json.loads, (out / name).read_text().splitlines())
+                if "loss" in r}
+
+    run(tmp_path / "one", 4)
+    run(tmp_path / "two", 2)
+    run(tmp_path / "two", 4, "--resume", "latest")
+    for name in ("log.jsonl", "log_rank1.jsonl"):
+        assert records(tmp_path / "one", name) == records(tmp_path / "two", name)
+        assert len(records(tmp_path / "one", name)) == 4
+    assert records(tmp_path / "one", "log.jsonl") != records(tmp_path / "one", "log_rank1.jsonl")   # own data
+    step = tmp_path / "one" / "checkpoints" / "step_00000004"
+    ranks = [torch.load(step / f"state_rank{r}.pt", weights_only=True)["align"]["projector"] for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    resumed = torch.load(tmp_path / "two" / "checkpoints" / "step_00000004" / "state_rank0.pt",
+                         weights_only=True)["align"]["projector"]
+    assert all(torch.equal(ranks[0][k], resumed[k]) for k in resumed)
+    a, b = (load_mmdit(d / "checkpoints" / "step_00000004" / "model.safetensors").state_dict()
+            for d in (tmp_path / "one", tmp_path / "two"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
