@@ -410,8 +410,11 @@ def check_alignment(cfg, world: int):
     engine, deepspeed_file = choose_engine(cfg.train.deepspeed, world, os.environ)
     if engine == "deepspeed" and deepspeed_file:
         # DeepSpeed scales an fp16 loss inside its engine; the projector, outside it, would step on scaled gradients
-        fp16 = json.loads(Path(deepspeed_file).read_text()).get("fp16", {}).get("enabled", False)
-        if fp16 is True:
+        try:
+            fp16 = json.loads(Path(deepspeed_file).read_text()).get("fp16", {}).get("enabled", False)
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"DeepSpeed config {deepspeed_file} is not a readable JSON object ({e})") from None
+        if str(fp16).lower() == "true":   # DeepSpeed takes the string too
             raise ValueError(f"align.weight > 0 trains its projector outside DeepSpeed, which cannot unscale an "
                              f"fp16 loss: {deepspeed_file} enables fp16; use bf16 or fp32 (or align.weight=0)")
     depth = cfg.model.build_config().depth
@@ -507,6 +510,10 @@ def set_up_processes(cfg, resume) -> Processes:
     # auto measures bf16 against fp32 here; ranks must agree, so several CPU processes (a test setup) take fp32;
     # a resumed run keeps the precision its checkpoint recorded, so the rest of the run computes as the start did
     saved = torch.load(resume / "state_rank0.pt", weights_only=True) if resume else {}
+    saved_by = len(list(resume.glob("state_rank*.pt"))) if resume else world
+    if saved_by != world:   # each rank resumes its own data position and generators
+        fail(f"--resume {resume}: saved by {saved_by} process{'es' if saved_by > 1 else ''}; resume it with "
+             f"{saved_by}, not {world}")
     trained_with = saved.get("optimizer", "adamw")   # runs from before optim.optimizer trained with AdamW
     if resume and trained_with != cfg.optim.optimizer:
         fail(f"--resume {resume}: the run was trained with optim.optimizer={trained_with}, the recipe says "
@@ -1055,7 +1062,10 @@ def main(argv=None):
         if state.align is not None:
             align_loss = state.align.loss(x0)
             objective = loss + state.align.weight * align_loss
-        if not torch.isfinite(objective):
+        finite = torch.isfinite(objective.detach())
+        if procs.world > 1:   # skipped on every rank or on none: a rank alone in a backward would wait forever
+            finite = accelerator.reduce((~finite).to(device, torch.float32), "max") == 0
+        if not finite:
             bad_steps += 1
             print(f"step {state.step}: non-finite loss, step skipped ({bad_steps} in a row)", file=sys.stderr)
             if bad_steps >= cfg.train.max_bad_steps:
@@ -1063,8 +1073,14 @@ def main(argv=None):
                      f"{out_dir / 'checkpoints'}")
             continue
         bad_steps = 0
-        if procs.deepspeed:  # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary
-            accelerator.backward(objective)
+        if procs.deepspeed:
+            # DeepSpeed scales by 1/accumulation, reduces, clips and steps at the boundary, where it is told it is:
+            # accelerate's backward outside its accumulate() marks every micro-batch a boundary and steps each one
+            boundary = micro + 1 == cfg.optim.grad_accum
+            model.set_gradient_accumulation_boundary(boundary)
+            model.backward(objective)
+            if boundary:
+                model.step()
         else:
             (objective / cfg.optim.grad_accum).backward()
         micro += 1

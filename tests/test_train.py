@@ -316,6 +316,13 @@ def test_two_processes_with_deepspeed_zero2(tmp_path):
     launch(tmp_path / "two", 4)
     launch(tmp_path / "two", 8, "--resume", "latest")
     same_run(tmp_path / "one", tmp_path / "two", 8)
+    # one process cannot take up two ranks' data positions and generators: refused in one line, nothing written
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                             f"data.shards={tmp_path / 'train'}", f"train.out_dir={tmp_path / 'two'}",
+                             "train.steps=10", "data.batch_size=2", "data.caption_variant_probs=[1]",
+                             "--resume", "latest"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "saved by 2 processes; resume it with 2, not 1" in result.stderr
+    assert max(records(tmp_path / "two", "log.jsonl")) == 8
 
     # A time budget no launch can meet: the ranks time their steps, agree on the slowest figures (gathered, so the
     # same on every accelerate), and both end one step after the probe.
@@ -347,17 +354,68 @@ def test_two_processes_with_deepspeed_zero2(tmp_path):
     same_run(tmp_path / "ref", tmp_path / "sig", 300)
 
 
-def test_gradient_accumulation_equals_the_big_batch(shard_dir, tmp_path):
-    """2 micro-batches of 2 give the step of one batch of 4 (same samples, same noise draws: up to rounding)."""
-    common = ("train.steps=3", "train.checkpoint_every=100", "data.shuffle_buffer=1", "text.drop_clip_l=0",
-              "text.drop_clip_g=0", "text.drop_t5=0")
+def test_gradient_accumulation_steps_once_per_step(shard_dir, tmp_path):
+    """2 micro-batches of 2 make one optimizer step per training step, on the samples of a batch of 4. (Their
+    noise and timesteps are drawn in another order than the big batch's, so the weights are not compared: at a
+    real learning rate the two differ by about as much as two seeds.)"""
+    common = ("train.steps=3", "train.checkpoint_every=3", "train.log_every=1", "data.shuffle_buffer=1")
     train_cli.main(args(shard_dir, tmp_path / "big", "data.batch_size=4", *common))
     train_cli.main(args(shard_dir, tmp_path / "acc", "data.batch_size=2", "optim.grad_accum=2", *common))
-    big = load_mmdit(tmp_path / "big" / "export" / "ema.safetensors").state_dict()
+    saved = torch.load(tmp_path / "acc" / "checkpoints" / "step_00000003" / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in saved["state"].values()} == {3}
+    keys = [{r["step"]: sorted(r["keys"]) for r in map(json.loads, (tmp_path / run / "log.jsonl").read_text()
+             .splitlines()) if "loss" in r} for run in ("big", "acc")]
+    assert all(set(keys[1][s]) < set(keys[0][s]) for s in (1, 2, 3))   # the last micro-batch: half the big batch
+    sai = load_mmdit(tmp_path / "acc" / "export" / "ema_sai.safetensors").state_dict()
     acc = load_mmdit(tmp_path / "acc" / "export" / "ema.safetensors").state_dict()
-    assert max((big[k] - acc[k]).abs().max().item() for k in big) < 1e-4
+    assert all(torch.equal(acc[k], sai[k]) for k in acc)   # the exports hold the same EMA
     sai = load_mmdit(tmp_path / "acc" / "export" / "ema_sai.safetensors").state_dict()
     assert all(torch.equal(acc[k], sai[k]) for k in acc)   # the exports hold the same EMA
+
+
+def test_gradient_accumulation_under_deepspeed_steps_once_per_step(tmp_path):
+    """Two ranks accumulating 2 micro-batches: DeepSpeed ZeRO-2 makes DDP's step (up to rounding). It used to step
+    at every micro-batch, as accelerate's backward outside its accumulate() marks each one a boundary."""
+    make_shards(tmp_path / "train", n_shards=4, per_shard=6)
+    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'train'}", "train.steps=3",
+              "train.checkpoint_every=3", "optim.lr=1e-2", "optim.warmup_steps=1", "data.shuffle_buffer=1",
+              "data.caption_variant_probs=[1]", "data.batch_size=1", "optim.grad_accum=2"]
+    launch_two(["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "configs" / "deepspeed" / "zero2.json")],
+               [*common, f"train.out_dir={tmp_path / 'deepspeed'}"])
+    launch_two(["--multi_gpu"], [*common, f"train.out_dir={tmp_path / 'ddp'}", 'train.deepspeed=""'])
+    a, b = (load_mmdit(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors").state_dict()
+            for run in ("deepspeed", "ddp"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_non_finite_loss_on_one_rank_skips_on_both_and_ends(tmp_path):
+    """A non-finite loss on one rank only (its shards hold NaN latents) is skipped on both ranks together, and the
+    run stops on max_bad_steps on both: before, the other rank went on into a backward whose gradient reduction
+    waited for its partner forever."""
+    import subprocess
+
+    make_shards(tmp_path / "train", n_shards=4, per_shard=6)
+    for shard in ("00001.tar", "00003.tar"):   # every other shard: one rank's share
+        latent_npy = tmp_path / "nan"
+        with shards.ShardWriter(latent_npy / shard) as w:
+            for j in range(6):
+                w.write(f"nan{shard[3:5]}{j}", {"captions": ["x"]}, torch.full((16, 8, 8), float("nan")),
+                        [{"clip_l": torch.zeros(5, 8), "clip_l_pooled": torch.zeros(8), "clip_g": torch.zeros(5, 16),
+                          "clip_g_pooled": torch.zeros(16), "t5": torch.zeros(6, 32)}])
+        (tmp_path / "train" / shard).write_bytes((latent_npy / shard).read_bytes())
+    try:
+        launch_two(["--multi_gpu"], ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'train'}",
+                                     f"train.out_dir={tmp_path / 'run'}", "train.steps=20", "data.batch_size=2",
+                                     "train.max_bad_steps=3", "data.caption_variant_probs=[1]", 'train.deepspeed=""'],
+                   timeout=180)
+    except AssertionError as e:
+        assert "non-finite losses in a row" in str(e)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a rank waited forever for its partner")
+    else:
+        pytest.fail("the run did not stop on non-finite losses")
+    logs = [tmp_path / "run" / name for name in ("log.jsonl", "log_rank1.jsonl")]
+    assert not any('"loss"' in log.read_text() for log in logs if log.exists())   # no rank trained a step alone
 
 
 def test_finetune_an_sd3_pipeline_and_load_the_export_in_diffusers(tiny_pipeline, tmp_path):
