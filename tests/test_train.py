@@ -396,13 +396,13 @@ def test_non_finite_loss_on_one_rank_skips_on_both_and_ends(tmp_path):
 
     make_shards(tmp_path / "train", n_shards=4, per_shard=6)
     for shard in ("00001.tar", "00003.tar"):   # every other shard: one rank's share
-        latent_npy = tmp_path / "nan"
-        with shards.ShardWriter(latent_npy / shard) as w:
+        nan_shards = tmp_path / "nan"   # written apart, then copied over the clean ones
+        with shards.ShardWriter(nan_shards / shard) as w:
             for j in range(6):
                 w.write(f"nan{shard[3:5]}{j}", {"captions": ["x"]}, torch.full((16, 8, 8), float("nan")),
                         [{"clip_l": torch.zeros(5, 8), "clip_l_pooled": torch.zeros(8), "clip_g": torch.zeros(5, 16),
                           "clip_g_pooled": torch.zeros(16), "t5": torch.zeros(6, 32)}])
-        (tmp_path / "train" / shard).write_bytes((latent_npy / shard).read_bytes())
+        (tmp_path / "train" / shard).write_bytes((nan_shards / shard).read_bytes())
     try:
         launch_two(["--multi_gpu"], ["--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'train'}",
                                      f"train.out_dir={tmp_path / 'run'}", "train.steps=20", "data.batch_size=2",
