@@ -45,16 +45,21 @@ def parse_args(argv=None):
     q.add_argument("--out", required=True, help="the JSONL file to write")
     add_decoder_arguments(sub.add_parser("decoder", help="the VAE decoder's second phase on a toy pipeline"))
     add_align_arguments(sub.add_parser("align", help="the alignment encoder (REPA's targets) of a toy pipeline"))
-    b = sub.add_parser("bundle", help="copy a trained toy pipeline, in float16, to the bundled default model")
+    b = sub.add_parser("bundle", help="copy a trained toy pipeline, in float16 (its alignment encoder as it is), "
+                                       "to the bundled default model")
     b.add_argument("pipeline", help="a trained toy pipeline (train.py's runs/toy/export/pipeline)")
     b.add_argument("--to", default=str(BUNDLED), help="where the bundle goes")
     return p.parse_args(argv)
 
 
 def bundle(args):
-    """float16 copy of every weight file (the toy's results do not change: tested), other files as they are (the
-    CLIP tokenizers are already vocab.json + merges.txt: save_toy_pipeline stores them so)."""
+    """float16 copy of every weight file (the toy's results do not change: tested) but the alignment encoder's,
+    other files as they are (the CLIP tokenizers are already vocab.json + merges.txt: save_toy_pipeline stores them
+    so). The alignment encoder is the recipe's training target, not part of what samples: it is kept as it is, so a
+    new bundle leaves the recipe's targets, and what it was measured with, unchanged."""
     from safetensors.torch import load_file, save_file
+
+    from mmdit.toy.components import ALIGN_ENCODER
 
     source, target = Path(args.pipeline), Path(args.to)
     if not (source / "model_index.json").is_file():
@@ -64,10 +69,15 @@ def bundle(args):
     if not (source / SAMPLING_DEFAULTS_FILE).is_file():   # without it the default model would sample at SD3's CFG
         fail(PROG, f"{source} has no {SAMPLING_DEFAULTS_FILE} (the toy's sampling defaults; every toy pipeline "
                    f"carries one: copy it from {BUNDLED})")
+    if not (source / ALIGN_ENCODER).is_dir():   # without it `python3 train.py` (align.encoder) could not start
+        fail(PROG, f"{source} has no {ALIGN_ENCODER}/ (the recipe's alignment targets; a pipeline built before "
+                   f"they existed lacks it: copy it from {BUNDLED})")
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
     for f in tmp.rglob("*.safetensors"):
+        if f.parent.name == ALIGN_ENCODER:
+            continue
         state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(f).items()}
         save_file(state, f, metadata={"format": "pt"})
     for f in tmp.rglob("config.json"):   # the libraries record the dtype they saved in; keep it truthful

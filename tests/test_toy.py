@@ -253,6 +253,9 @@ def test_recipe_end_to_end_through_the_entry_points(tmp_path, capsys):
                  "--out", str(tmp_path / "c.png")])
     a, c = (np.asarray(Image.open(tmp_path / f), dtype=float) for f in ("a.png", "c.png"))
     assert np.abs(a - c).mean() < 1.0   # float16 storage moves pixels by less than one level on average
+    # the recipe's alignment targets are kept as trained: a new bundle does not move what the recipe aligns to
+    aligned = "align_encoder/model.safetensors"
+    assert (tmp_path / "bundled" / aligned).read_bytes() == (exported / aligned).read_bytes()
 
 
 def test_the_bundled_model_is_the_default_and_small(tmp_path):
@@ -328,6 +331,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         make_toy.main(["bundle", str(tmp_path), "--to", str(tmp_path / "out")])
     assert e.value.code == 2 and "has no mmdit_sampling.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "mmdit_sampling.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        make_toy.main(["bundle", str(tmp_path), "--to", str(tmp_path / "out")])
+    assert e.value.code == 2 and "has no align_encoder/" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as e:
         make_toy.main(["world", "--out", str(tmp_path / "world"), "--vae-images", "0"])

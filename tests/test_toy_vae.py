@@ -126,7 +126,7 @@ def test_make_toy_decoder_mends_a_pipelines_decoder_and_keeps_its_latents(tmp_pa
     make_toy = load_make_toy()
     make_toy.main(["world", "--out", str(tmp_path / "w"), "--train-samples", "8", "--val-samples", "2",
                    "--vae-steps", "1", "--vae-images", "8", "--decoder-steps", "0", "--tower-steps", "0",
-                   "--align-steps", "0"])
+                   "--align-steps", "1"])   # a bundle carries the recipe's alignment encoder
     pipeline = tmp_path / "w" / "pipeline"
     make_toy.main(["bundle", str(pipeline), "--to", str(tmp_path / "b")])   # float16, as the bundled model is
     weights = tmp_path / "b" / "vae" / "diffusion_pytorch_model.safetensors"
