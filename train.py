@@ -748,9 +748,14 @@ def epoch_batches(cfg, procs: Processes, position, sources):
                                             generator=torch.Generator().manual_seed(position.epoch)))
 
 
-def validation_batches(cfg) -> list:
+def validation_batches(cfg, procs: Processes) -> list:
     """The fixed validation set: the first 4 batches of data.val_shards, read in order. None at all stops the run;
-    shards that failed are said, since the set then differs from a run that read them."""
+    shards that failed are said, since the set then differs from a run that read them. Every rank reads it, and
+    with several they keep as many batches as the rank that read fewest: under ZeRO-3 all of them run the
+    validation forwards together (the parameters are gathered collectively), and a shard that failed on one rank
+    alone (a remote read) left its partners waiting in a forward it never ran."""
+    import torch
+
     from mmdit.loader import ShardDataset
 
     batches, report = [], None
@@ -760,13 +765,21 @@ def validation_batches(cfg) -> list:
         report = batch["read"]
         if len(batches) == 4:
             break
-    if not batches:
-        fail(f"data.val_shards {cfg.data.val_shards} gave no batch of data.batch_size {cfg.data.batch_size} (shards "
-             f"unreadable, or too few samples); fix them, or leave data.val_shards empty")
+    read = len(batches)
+    if procs.world > 1:   # accelerate's reduce has no "min": the largest negated count
+        fewest = -int(procs.accelerator.reduce(torch.tensor(-float(read), device=procs.device), "max"))
+        batches = batches[:fewest]
+    if not batches:   # on every rank alike, after the agreement: one rank leaving alone would strand the others
+        fail(f"data.val_shards {cfg.data.val_shards} gave no batch of data.batch_size {cfg.data.batch_size} "
+             f"{'on some rank ' if read else ''}(shards unreadable, or too few samples); fix them, or leave "
+             f"data.val_shards empty")
     if report["failed_shards"] or report["corrupt_samples"]:
-        print(f"warning: validation shards: {report['failed_shards']} failed ({', '.join(report['failed'])}), "
-              f"{report['corrupt_samples']} samples skipped; this run's validation set differs from one that read "
-              f"them", file=sys.stderr)
+        print(f"warning: validation shards{f' (rank {procs.rank})' if procs.world > 1 else ''}: "
+              f"{report['failed_shards']} failed ({', '.join(report['failed'])}), {report['corrupt_samples']} "
+              f"samples skipped; this run's validation set differs from one that read them", file=sys.stderr)
+    if len(batches) < read:
+        print(f"warning: validation on {len(batches)} batches, not {read}: another rank read no more",
+              file=sys.stderr)
     return batches
 
 
@@ -997,7 +1010,7 @@ def main(argv=None):
     batches = epoch_batches(cfg, procs, position, train_sources)
     epoch_length = (resampled_epoch_batches(train_sources, procs.world, cfg.data.batch_size)
                     if cfg.data.resampled else None)   # epoch mode: an epoch ends where its streams do
-    val_batches = validation_batches(cfg) if cfg.data.val_shards else []
+    val_batches = validation_batches(cfg, procs) if cfg.data.val_shards else []
     layout, conditioning = None, None
     drop = {"clip_l": cfg.text.drop_clip_l, "clip_g": cfg.text.drop_clip_g, "t5": cfg.text.drop_t5}
 

@@ -3,6 +3,7 @@ EMA is the formula, and bad recipes fail before any compute."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -416,6 +417,35 @@ def test_non_finite_loss_on_one_rank_skips_on_both_and_ends(tmp_path):
         pytest.fail("the run did not stop on non-finite losses")
     logs = [tmp_path / "run" / name for name in ("log.jsonl", "log_rank1.jsonl")]
     assert not any('"loss"' in log.read_text() for log in logs if log.exists())   # no rank trained a step alone
+
+
+def test_a_validation_shard_failing_on_one_rank_does_not_hang_zero3(tmp_path):
+    """Under ZeRO-3 both ranks run the validation forwards together. A validation shard that fails on rank 1 alone
+    (a remote read; here a pipe: that fails there) gives it fewer batches; the ranks keep as many as the fewest
+    read. Before, rank 0's extra forwards gathered parameters with a partner that had moved on: the run aborted."""
+    import subprocess
+
+    make_shards(tmp_path / "train", n_shards=4, per_shard=6)
+    make_shards(tmp_path / "val", n_shards=2, per_shard=4)   # 2 batches of 2 per shard: rank 0 reads 4, rank 1 2
+    fetch = tmp_path / "fetch.sh"
+    fetch.write_text(f'if [ "$RANK" = 1 ] && [ "$1" = 1 ]; then exit 1; fi\ncat {tmp_path / "val"}/0000$1.tar\n')
+    # Every parameter partitioned and released after use, as a model larger than ZeRO-3's live-parameter limit has
+    # it: each forward gathers anew (with the tiny model's whole parameters kept, the extra forwards needed no partner)
+    zero3 = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
+    zero3["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=1000,
+                                      stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+    zero3 = tmp_path / "zero3.json"
+    try:
+        result = launch_two(["--use_deepspeed", "--deepspeed_config_file", str(zero3)], [
+            "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'train'}",
+            f"data.val_shards=pipe:sh {fetch} {{0..1}}", "data.retries=0", f"train.out_dir={tmp_path / 'run'}",
+            "train.steps=2", "train.val_every=2", "data.batch_size=2", "data.caption_variant_probs=[1]"], timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 0 waited forever in a validation forward rank 1 never ran")
+    assert "validation on 2 batches, not 4" in result.stderr   # said by rank 0, which read 4
+    vals = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"val"' in line]
+    assert [v["step"] for v in vals] == [2] and math.isfinite(vals[0]["val"]["mean"])
 
 
 def test_finetune_an_sd3_pipeline_and_load_the_export_in_diffusers(tiny_pipeline, tmp_path):
