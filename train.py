@@ -753,7 +753,7 @@ def validation_batches(cfg, procs: Processes) -> list:
     shards that failed are said, since the set then differs from a run that read them. Every rank reads it, and
     with several they keep as many batches as the rank that read fewest: under ZeRO-3 all of them run the
     validation forwards together (the parameters are gathered collectively), and a shard that failed on one rank
-    alone (a remote read) left its partners waiting in a forward it never ran."""
+    alone (a remote read) sent its partners into forwards it never joined: the run aborted."""
     import torch
 
     from mmdit.loader import ShardDataset

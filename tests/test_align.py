@@ -12,7 +12,8 @@ from mmdit.align import (Alignment, BlockOutput, FeatureEncoder, alignment_loss,
 from mmdit.checkpoint import load_mmdit
 from mmdit.config import model_preset
 from mmdit.model import MMDiT
-from tests.test_train import ROOT, args, launch_two, losses, make_pipeline_shards, shard_dir, train_cli  # noqa: F401
+from tests.test_train import (ROOT, args, launch_two, losses, make_pipeline_shards, shard_dir,  # noqa: F401
+                              train_cli, zero3_file)
 
 
 def test_encoder_folder_round_trips_and_bad_ones_fail(tmp_path):
@@ -172,13 +173,11 @@ def test_two_processes_align_one_projector_and_resume_bit_exact(tiny_pipeline, t
     torch.manual_seed(0)
     save_encoder(FeatureEncoder(16, width=16, dim=8), tmp_path / "enc")
     make_pipeline_shards(tmp_path / "train", 4, 6)
-    zero3 = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
-    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 2000
-    (tmp_path / "zero3_split.json").write_text(json.dumps(zero3))
+    zero3_config = zero3_file(tmp_path, stage3_param_persistence_threshold=2000)
 
     def run(out, steps, *extra, engine="ddp"):
         launcher = ["--multi_gpu"] if engine == "ddp" else \
-            ["--use_deepspeed", "--deepspeed_config_file", str(tmp_path / "zero3_split.json")]
+            ["--use_deepspeed", "--deepspeed_config_file", str(zero3_config)]
         return launch_two(launcher, [
             "--config", str(ROOT / "configs" / "tiny.yaml"), f"data.shards={tmp_path / 'train'}",
             f"model.init_from={tiny_pipeline}", f"train.out_dir={out}", f"train.steps={steps}", "train.log_every=1",
